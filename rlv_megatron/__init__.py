@@ -1,0 +1,1 @@
+"""rlv-megatron: RL^V on megatron-core + vLLM."""

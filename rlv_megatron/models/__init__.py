@@ -1,0 +1,1 @@
+"""Policy models: Megatron builders, HF conversion, CPU compatibility."""
