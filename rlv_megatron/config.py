@@ -45,6 +45,9 @@ class RolloutConfig:
     enable_sleep_mode: bool = False  # GPU only: free engine memory during training
     enforce_eager: bool = True
     seed: int = 0
+    # "processed_logprobs": log-probs of the distribution actually sampled from (after temperature/top-p);
+    # "raw_logprobs": the model's, before sampling transforms.
+    logprobs_mode: str = "processed_logprobs"
     logprobs_topk: int = 20  # verifier scoring: a "Yes" outside the top-k counts as P=0
 
 
@@ -62,6 +65,7 @@ _CHOICES = {
     "model.fp8_recipe": ("delayed", "tensorwise", "mxfp8", "blockwise"),
     "rollout.dtype": ("float32", "bfloat16", "float16"),
     "rollout.transport": ("auto", "shm", "cuda_ipc"),
+    "rollout.logprobs_mode": ("processed_logprobs", "raw_logprobs"),
 }
 
 

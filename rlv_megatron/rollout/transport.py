@@ -1,0 +1,180 @@
+"""Moving HF-named tensors from the trainer into the engine's worker process, in bounded buckets.
+
+A bucket is a flat byte buffer plus a manifest of (name, dtype, shape, offset). Only the manifest and a
+handle travel through vLLM's RPC (msgpack-safe primitives: no pickled functions, no tensors as arguments,
+which arrive mangled). The bytes travel by
+  - `shm`: a file under /dev/shm that both processes map (CPU, or GPU without IPC),
+  - `cuda_ipc`: a CUDA buffer shared by an IPC handle (GPU only; no host round trip).
+The same manifest format is used by both; the worker side is `unpack`.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+
+ALIGN = 64
+_DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.bfloat16, torch.float16,
+                                                     torch.float64, torch.int64, torch.int32, torch.uint8)}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _aligned(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+def plan_buckets(tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int
+                 ) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Group a stream of tensors into buckets of at most `bucket_bytes` (a bigger tensor goes alone)."""
+    bucket, size = [], 0
+    for name, t in tensors:
+        n = _aligned(t.numel() * t.element_size())
+        if bucket and size + n > bucket_bytes:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append((name, t))
+        size += n
+    if bucket:
+        yield bucket
+
+
+def pack(bucket: list[tuple[str, torch.Tensor]], buf: torch.Tensor) -> list[list]:
+    """Copy tensors into the uint8 buffer `buf`; return the manifest [[name, dtype, shape, offset], ...]."""
+    manifest, off = [], 0
+    for name, t in bucket:
+        n = t.numel() * t.element_size()
+        buf[off:off + n].view(t.dtype).view(t.shape).copy_(t)
+        manifest.append([name, dtype_name(t.dtype), list(t.shape), off])
+        off += _aligned(n)
+    return manifest
+
+
+def unpack(buf: torch.Tensor, manifest: list[list]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Views into `buf` (no copy) for each manifest entry."""
+    for name, dtype, shape, off in manifest:
+        dt = _DTYPES[dtype]
+        numel = 1
+        for s in shape:
+            numel *= s
+        n = numel * torch.empty((), dtype=dt).element_size()
+        yield name, buf[off:off + n].view(dt).view(shape)
+
+
+def bucket_nbytes(bucket: list[tuple[str, torch.Tensor]]) -> int:
+    return sum(_aligned(t.numel() * t.element_size()) for _, t in bucket)
+
+
+# ---- shm ------------------------------------------------------------------------------------------
+
+class ShmBuffer:
+    """A file in /dev/shm mapped in both processes; grows when a bucket needs more room."""
+
+    def __init__(self, directory: str = "/dev/shm", nbytes: int = 0):
+        self.path = Path(directory) / f"rlv-weights-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.nbytes = 0
+        self.tensor = torch.empty(0, dtype=torch.uint8)
+        self.ensure(nbytes)
+
+    def ensure(self, nbytes: int) -> torch.Tensor:
+        if nbytes > self.nbytes:
+            self.nbytes = _aligned(nbytes)
+            # shared=True: MAP_SHARED, so the worker sees exactly these pages
+            self.tensor = torch.from_file(str(self.path), shared=True, size=self.nbytes, dtype=torch.uint8)
+        return self.tensor
+
+    def handle(self) -> dict:
+        return {"kind": "shm", "path": str(self.path), "nbytes": self.nbytes}
+
+    def close(self) -> None:
+        self.tensor = torch.empty(0, dtype=torch.uint8)
+        self.path.unlink(missing_ok=True)
+
+
+class ShmReader:
+    """Worker side: map the trainer's file read-only-in-spirit (copy happens in load_weights)."""
+
+    def __init__(self):
+        self._maps: dict[str, tuple[int, mmap.mmap, torch.Tensor]] = {}
+
+    def open(self, handle: dict) -> torch.Tensor:
+        path, nbytes = handle["path"], handle["nbytes"]
+        cached = self._maps.get(path)
+        if cached is None or cached[0] < nbytes:
+            with open(path, "r+b") as f:
+                mm = mmap.mmap(f.fileno(), nbytes)
+            self._maps[path] = (nbytes, mm, torch.frombuffer(mm, dtype=torch.uint8))
+        return self._maps[path][2][:nbytes]
+
+
+# ---- CUDA IPC (GPU only) --------------------------------------------------------------------------
+
+@dataclass
+class CudaIpcBuffer:
+    tensor: torch.Tensor
+
+    @classmethod
+    def allocate(cls, nbytes: int) -> "CudaIpcBuffer":
+        return cls(torch.empty(_aligned(nbytes), dtype=torch.uint8, device="cuda"))
+
+    def ensure(self, nbytes: int) -> torch.Tensor:
+        if nbytes > self.tensor.numel():
+            self.tensor = torch.empty(_aligned(nbytes), dtype=torch.uint8, device="cuda")
+        return self.tensor
+
+    def handle(self) -> dict:
+        from torch.multiprocessing.reductions import reduce_tensor
+
+        torch.cuda.synchronize()  # the packing copies must land before the worker reads
+        _rebuild, args = reduce_tensor(self.tensor)
+        return {"kind": "cuda_ipc", "args": encode_ipc_args(args), "device_uuid": str(
+            torch.cuda.get_device_properties(self.tensor.device).uuid)}
+
+    def close(self) -> None:
+        self.tensor = torch.empty(0)
+
+
+def encode_ipc_args(args: tuple) -> list:
+    """reduce_tensor's rebuild args -> msgpack-safe primitives (classes and dtypes by name)."""
+    out = []
+    for a in args:
+        if isinstance(a, torch.dtype):
+            out.append({"dtype": dtype_name(a)})
+        elif isinstance(a, type):
+            out.append({"type": f"{a.__module__}.{a.__qualname__}"})
+        elif isinstance(a, torch.Size):
+            out.append(list(a))
+        else:
+            out.append(a)
+    return out
+
+
+def decode_ipc_args(encoded: list, device_index: int) -> tuple:
+    """Inverse of encode_ipc_args; the device slot is remapped to the worker's own index."""
+    import importlib
+
+    args = []
+    for a in encoded:
+        if isinstance(a, dict) and "dtype" in a:
+            args.append(_DTYPES[a["dtype"]])
+        elif isinstance(a, dict) and "type" in a:
+            module, _, qual = a["type"].rpartition(".")
+            args.append(getattr(importlib.import_module(module), qual))
+        else:
+            args.append(a)
+    args[6] = device_index  # storage_device: the sender's index means nothing in this process
+    return tuple(args)
+
+
+def open_cuda_ipc(handle: dict, device_index: int) -> torch.Tensor:
+    from torch.multiprocessing.reductions import rebuild_cuda_tensor
+
+    return rebuild_cuda_tensor(*decode_ipc_args(handle["args"], device_index))
