@@ -10,12 +10,14 @@ The same manifest format is used by both; the worker side is `unpack`.
 
 from __future__ import annotations
 
+import itertools
 import mmap
 import os
+import re
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -32,16 +34,30 @@ def _aligned(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 
 
-def plan_buckets(tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int
-                 ) -> Iterator[list[tuple[str, torch.Tensor]]]:
-    """Group a stream of tensors into buckets of at most `bucket_bytes` (a bigger tensor goes alone)."""
+_DECODER_LAYER = re.compile(r"^(.*?layers\.\d+)\.")
+
+
+def decoder_layer(name: str) -> str:
+    """The group a tensor must travel with: its decoder layer (model.layers.N), else itself."""
+    m = _DECODER_LAYER.match(name)
+    return m.group(1) if m else name
+
+
+def plan_buckets(tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int,
+                 group_of: Callable[[str], str] = decoder_layer) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Group a stream of tensors into buckets of at most `bucket_bytes`; a group (a decoder layer) is never
+    split, and a group bigger than a bucket travels alone.
+
+    Why whole layers: vLLM re-processes a layer only once all its weights arrived and meanwhile keeps
+    references to the ones that did; a reused bucket buffer would overwrite them."""
     bucket, size = [], 0
-    for name, t in tensors:
-        n = _aligned(t.numel() * t.element_size())
+    for _, group in itertools.groupby(tensors, key=lambda item: group_of(item[0])):
+        group = list(group)
+        n = bucket_nbytes(group)
         if bucket and size + n > bucket_bytes:
             yield bucket
             bucket, size = [], 0
-        bucket.append((name, t))
+        bucket.extend(group)
         size += n
     if bucket:
         yield bucket

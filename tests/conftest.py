@@ -1,0 +1,19 @@
+import os
+
+import pytest
+
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """Random tiny HF models written by transformers: the independent reference for conversion tests."""
+    from rlv_megatron.models.tiny import make_hf_model
+
+    root = tmp_path_factory.mktemp("hf")
+    return {
+        "qwen2": make_hf_model("qwen2", root / "qwen2", seed=1),
+        "llama": make_hf_model("llama", root / "llama", seed=2, rope_theta=500000.0),
+        "qwen2_tied": make_hf_model("qwen2", root / "qwen2_tied", seed=3, tie_word_embeddings=True),
+    }

@@ -1,0 +1,50 @@
+"""Run a function on N gloo ranks (mp.spawn) and collect what each rank returns."""
+
+import os
+import pickle
+import tempfile
+import traceback
+from pathlib import Path
+
+import torch.multiprocessing as mp
+
+
+def _entry(rank, world, port, fn, args, out_dir):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    try:
+        result = (fn(*args), None)
+    except BaseException:
+        result = (None, traceback.format_exc())
+    finally:
+        from rlv_megatron import dist
+
+        dist.destroy()
+    # a file, not a queue: a large result would block a pipe that nobody reads until join
+    Path(out_dir, f"{rank}.pkl").write_bytes(pickle.dumps(result))
+    if result[1]:
+        raise SystemExit(1)
+
+
+def run_distributed(fn, world_size, *args):
+    """fn(*args) on each rank; returns the per-rank results in rank order (fn must be importable)."""
+    from rlv_megatron.dist import free_port
+
+    with tempfile.TemporaryDirectory() as out_dir:
+        try:
+            mp.start_processes(_entry, args=(world_size, free_port(), fn, args, out_dir), nprocs=world_size,
+                               join=True, start_method="spawn")
+        except mp.ProcessRaisedException:
+            pass
+        except mp.ProcessExitedException:
+            pass  # the rank's own report below says why
+        results = []
+        for rank in range(world_size):
+            path = Path(out_dir, f"{rank}.pkl")
+            if not path.exists():
+                raise RuntimeError(f"rank {rank} died without a result")
+            value, err = pickle.loads(path.read_bytes())
+            if err:
+                raise RuntimeError(f"rank {rank} failed:\n{err}")
+            results.append(value)
+        return results
