@@ -16,4 +16,5 @@ def tiny_models(tmp_path_factory):
         "qwen2": make_hf_model("qwen2", root / "qwen2", seed=1),
         "llama": make_hf_model("llama", root / "llama", seed=2, rope_theta=500000.0),
         "qwen2_tied": make_hf_model("qwen2", root / "qwen2_tied", seed=3, tie_word_embeddings=True),
+        "llama_tied": make_hf_model("llama", root / "llama_tied", seed=4, tie_word_embeddings=True),
     }

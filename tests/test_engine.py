@@ -31,7 +31,7 @@ def _scenario(model_dir):
     from rlv_megatron.models.builder import build_model, padded_vocab_size
     from rlv_megatron.models.convert import iter_hf_tensors
     from rlv_megatron.models.hf_config import load_arch
-    from rlv_megatron.models.hf_io import load_hf_weights
+    from rlv_megatron.models.hf_io import HFCheckpoint, load_hf_weights
     from rlv_megatron.rollout.engine import VLLMEngine
 
     arch = load_arch(model_dir)
@@ -83,14 +83,15 @@ def _scenario(model_dir):
             out["p_yes_megatron"].append(probs[likely].item())
             out["score_unlikely"] += engine.score_yes([p], unlikely)
         out["vocab"] = arch.vocab_size
+        out["hf_tensors"] = len(HFCheckpoint(model_dir).weight_map)
     finally:
         engine.close()
     return out
 
 
-@pytest.fixture(scope="module")
-def scenario(tiny_models):
-    return run_distributed(_scenario, 1, str(tiny_models["qwen2"]))[0]
+@pytest.fixture(scope="module", params=["qwen2", "llama_tied"])
+def scenario(request, tiny_models):
+    return run_distributed(_scenario, 1, str(tiny_models[request.param]))[0]
 
 
 def test_engine_matches_megatron_before_sync(scenario):
@@ -99,7 +100,8 @@ def test_engine_matches_megatron_before_sync(scenario):
 
 def test_weight_sync_reaches_engine(scenario):
     tensors, buckets, nbytes = scenario["sync"]
-    assert tensors == 51 and buckets > 1 and nbytes > 3e6  # 1 MB buckets: several, layers split across them
+    assert tensors == scenario["hf_tensors"]  # every tensor of the HF checkpoint, no more
+    assert buckets > 1 and nbytes > 2e6  # 1 MB buckets: several, so layers finish in different buckets
     assert (scenario["post_engine"] - scenario["post_megatron"]).abs().max().item() < TOL
     # the optimizer step moved the logprobs far beyond the tolerance, and the engine followed
     assert (scenario["post_engine"] - scenario["pre_engine"]).abs().max().item() > 100 * TOL

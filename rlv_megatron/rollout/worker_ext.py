@@ -24,10 +24,11 @@ class WeightSyncExtension:
         from vllm.config import set_current_vllm_config
         from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
 
+        # before the reload splits tied parameters (lm_head/embed_tokens) into per-layer placeholders
+        self._rlv_expected = {n for n, _ in self._rlv_model().named_parameters()}
+        self._rlv_loaded: set[str] = set()
         with set_current_vllm_config(self.vllm_config):
             initialize_layerwise_reload(self._rlv_model())
-        self._rlv_loaded: set[str] = set()
-        self._rlv_expected = {n for n, _ in self._rlv_model().named_parameters()}
 
     def _rlv_buffer(self, handle: dict) -> torch.Tensor:
         if handle["kind"] == "shm":
@@ -68,6 +69,21 @@ class WeightSyncExtension:
 
         with set_current_vllm_config(self.vllm_config):
             finalize_layerwise_reload(self._rlv_model(), self.vllm_config.model_config)
+            self._rlv_reprocess_tied()
         missing = sorted(self._rlv_expected - self._rlv_loaded)
         del self._rlv_loaded, self._rlv_expected
         return missing
+
+    def _rlv_reprocess_tied(self) -> None:
+        """A tied lm_head receives no weights of its own, so the reload never re-processes it; on CPU its
+        prepacked GEMM would keep the old embedding. Re-process every module that shares a parameter."""
+        owners: dict[int, list] = {}
+        for module in self._rlv_model().modules():
+            if getattr(module, "quant_method", None) is None:
+                continue
+            for p in module.parameters(recurse=False):
+                owners.setdefault(id(p), []).append(module)
+        for modules in owners.values():
+            if len(modules) > 1:
+                for module in modules:
+                    module.quant_method.process_weights_after_loading(module)

@@ -1,0 +1,67 @@
+"""`rlv`: the command line. Subcommands stay thin; the work lives in the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+
+
+def _cmd_demo(args) -> int:
+    from rlv_megatron import demo
+
+    demo.run(args.out, steps=args.steps, seed=args.seed)
+    return 0
+
+
+def _cmd_inspect(args) -> int:
+    from rlv_megatron.config import Config, ConfigError, validate
+    from rlv_megatron.models.builder import padded_vocab_size
+    from rlv_megatron.models.hf_config import UnsupportedConfig, load_arch
+
+    try:
+        arch = load_arch(args.model)
+        cfg = Config()
+        cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.vpp = args.tp, args.pp, args.vpp
+        cfg.rollout.tensor_parallel_size = args.rollout_tp
+        validate(cfg, arch)
+    except (ConfigError, UnsupportedConfig, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    info = asdict(arch)
+    info["padded_vocab_size"] = padded_vocab_size(arch.vocab_size, cfg.model.make_vocab_size_divisible_by, args.tp)
+    h, f, L, v = arch.hidden_size, arch.ffn_hidden_size, arch.num_layers, arch.vocab_size
+    qkv_rows = (arch.num_heads + 2 * arch.num_kv_heads) * arch.head_dim
+    qkv = qkv_rows * (h + (1 if arch.qkv_bias else 0))
+    info["parameters"] = L * (qkv + arch.num_heads * arch.head_dim * h + 3 * h * f + 2 * h) + h + \
+        v * h * (1 if arch.tie_word_embeddings else 2)
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rlv", description="RL^V on megatron-core + vLLM: the policy is its own verifier.")
+    sub = p.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("demo", help="foundation demo on CPU: Megatron policy, vLLM engine, weight sync, export")
+    d.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
+    d.add_argument("--steps", type=int, default=40, help="training steps before the sync (default: 40)")
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=_cmd_demo)
+    i = sub.add_parser("inspect", help="read a Hugging Face model directory and check a parallel layout")
+    i.add_argument("model", help="Hugging Face model directory (config.json)")
+    i.add_argument("--tp", type=int, default=1, help="tensor parallel size")
+    i.add_argument("--pp", type=int, default=1, help="pipeline parallel size")
+    i.add_argument("--vpp", type=int, default=None, help="virtual pipeline stages per rank")
+    i.add_argument("--rollout-tp", type=int, default=1, help="vLLM tensor parallel size")
+    i.set_defaults(func=_cmd_inspect)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
