@@ -83,7 +83,7 @@ def run(out_dir: str | Path = "runs/demo", steps: int = 40, seed: int = 0) -> Pa
             opt.step()
         report["final_train_loss"] = loss.item()
         before = engine.generate([prompt], n=1, temperature=0.0, max_tokens=8)[0][0].token_ids
-        stats = engine.update_weights(iter_hf_tensors([chunk], arch, dtype=torch.float32))
+        stats = engine.update_weights(iter_hf_tensors([chunk], arch))
         after = engine.generate([prompt], n=1, temperature=0.0, max_tokens=8)[0][0].token_ids
         seq = (PATTERN * 2)[:12]
         engine_lp = torch.tensor(engine.prompt_logprobs([seq])[0])

@@ -52,18 +52,18 @@ def _scenario(model_dir):
         logits = chunks[0](tokens, torch.arange(len(seq))[None], None)[0, :, :arch.vocab_size]
         torch.nn.functional.cross_entropy(logits[:-1], tokens[0, 1:]).backward()
         opt.step()
-        stats = engine.update_weights(iter_hf_tensors(chunks, arch, dtype=torch.float32))
+        stats = engine.update_weights(iter_hf_tensors(chunks, arch))
         out["sync"] = (stats.tensors, stats.buckets, stats.bytes)
         out["post_engine"] = torch.tensor(engine.prompt_logprobs([seq])[0])
         out["post_megatron"] = _megatron_logprobs(chunks, seq, arch.vocab_size)
         # an incomplete sync is refused with the missing names
-        partial = [(n, t) for n, t in iter_hf_tensors(chunks, arch, dtype=torch.float32) if "layers.3." not in n]
+        partial = [(n, t) for n, t in iter_hf_tensors(chunks, arch) if "layers.3." not in n]
         try:
             engine.update_weights(partial)
             out["partial_error"] = None
         except RuntimeError as e:
             out["partial_error"] = str(e)
-        engine.update_weights(iter_hf_tensors(chunks, arch, dtype=torch.float32))
+        engine.update_weights(iter_hf_tensors(chunks, arch))
         prompts = [seq[:5], seq[5:8], seq[8:20]]
         out["gen_a"] = engine.generate(prompts, n=4, max_tokens=MAX_TOKENS, stop_token_ids=[STOP], seeds=[1, 2, 3])
         out["gen_b"] = engine.generate(prompts, n=4, max_tokens=MAX_TOKENS, stop_token_ids=[STOP], seeds=[1, 2, 3])

@@ -206,9 +206,9 @@ def iter_full_tensors(chunks: list[torch.nn.Module], tp_group=None) -> Iterator[
             yield name, t
 
 
-def iter_hf_tensors(chunks: list[torch.nn.Module], arch: ModelArch, tp_group=None,
-                    dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """HF-named tensors of this rank's pipeline stage(s), in layer order (streams: one tensor at a time)."""
+def iter_hf_tensors(chunks: list[torch.nn.Module], arch: ModelArch, tp_group=None
+                    ) -> Iterator[tuple[str, torch.Tensor]]:
+    """HF-named tensors of this rank's pipeline stage(s), in layer order (streams: one tensor at a time).
+    They may be views of the parameters (no copy): consumers cast/copy them as they need."""
     for name, full in iter_full_tensors(chunks, tp_group):
-        for hf_name, t in hf_from_mcore(name, full, arch):
-            yield hf_name, (t if dtype is None else t.to(dtype)).contiguous()
+        yield from hf_from_mcore(name, full, arch)

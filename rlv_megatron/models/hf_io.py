@@ -88,7 +88,8 @@ def export_hf(chunks, arch: ModelArch, out_dir: str | Path, dtype: torch.dtype =
         tmp.mkdir(parents=True)
     if distributed:
         dist.barrier()
-    tensors = dict(iter_hf_tensors(chunks, arch, ps.get_tensor_model_parallel_group(), dtype))
+    tensors = {name: t.to(dtype).contiguous()
+               for name, t in iter_hf_tensors(chunks, arch, ps.get_tensor_model_parallel_group())}
     file = "model.safetensors" if pp == 1 else f"model-{pp_rank + 1:05d}-of-{pp:05d}.safetensors"
     if writer:
         save_file(tensors, str(tmp / file), metadata={"format": "pt"})

@@ -47,6 +47,9 @@ class SyncStats:
     bytes: int = 0
     buckets: int = 0
     seconds: float = 0.0
+    gather_pack_seconds: float = 0.0  # trainer side: producing the tensors and copying them into buckets
+    load_seconds: float = 0.0  # engine side: load_weights from the buckets
+    finish_seconds: float = 0.0  # engine side: processing layers left for the end (e.g. tied/padded)
     missing: list[str] = field(default_factory=list)
 
     @property
@@ -71,6 +74,7 @@ class VLLMEngine:
 
         self.cfg = cfg
         self.on_gpu = on_gpu
+        self.dtype = getattr(torch, cfg.dtype)
         kwargs = dict(model=str(model_dir), dtype=cfg.dtype, max_model_len=cfg.max_model_len,
                       tensor_parallel_size=cfg.tensor_parallel_size, enforce_eager=cfg.enforce_eager,
                       skip_tokenizer_init=True, seed=cfg.seed, logprobs_mode=cfg.logprobs_mode,
@@ -146,22 +150,29 @@ class VLLMEngine:
 
     @torch.no_grad()
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> SyncStats:
-        """Replace the engine's weights with HF-named tensors (any order; a full set is expected)."""
+        """Replace the engine's weights with HF-named tensors (a full set; any dtype: they are cast to the
+        engine's while being packed, so pass Megatron's tensors as they are)."""
         stats = SyncStats()
         t0 = time.perf_counter()
         bucket_bytes = self.cfg.weight_bucket_mb << 20
         self.llm.collective_rpc("rlv_begin_update")
         try:
-            for bucket in transport.plan_buckets(named_tensors, bucket_bytes):
-                nbytes = transport.bucket_nbytes(bucket)
-                buf = self._bucket_buffer(nbytes)
-                manifest = transport.pack(bucket, buf)
+            t_pack = time.perf_counter()
+            for bucket in transport.plan_buckets(named_tensors, bucket_bytes, dtype=self.dtype):
+                buf = self._bucket_buffer(transport.bucket_nbytes(bucket, self.dtype))
+                manifest = transport.pack(bucket, buf, self.dtype)
+                t_load = time.perf_counter()
+                stats.gather_pack_seconds += t_load - t_pack
                 self.llm.collective_rpc("rlv_load_bucket", args=(self._buffer.handle(), manifest))
+                t_pack = time.perf_counter()
+                stats.load_seconds += t_pack - t_load
                 stats.tensors += len(bucket)
-                stats.bytes += sum(t.numel() * t.element_size() for _, t in bucket)
+                stats.bytes += sum(transport.nbytes(t, self.dtype) for _, t in bucket)
                 stats.buckets += 1
         finally:
+            t_finish = time.perf_counter()
             missing = self.llm.collective_rpc("rlv_finish_update")
+            stats.finish_seconds = time.perf_counter() - t_finish
         stats.missing = sorted(set().union(*map(set, missing)))
         stats.seconds = time.perf_counter() - t0
         if stats.missing:

@@ -44,7 +44,8 @@ def decoder_layer(name: str) -> str:
 
 
 def plan_buckets(tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int,
-                 group_of: Callable[[str], str] = decoder_layer) -> Iterator[list[tuple[str, torch.Tensor]]]:
+                 group_of: Callable[[str], str] = decoder_layer, dtype: torch.dtype | None = None
+                 ) -> Iterator[list[tuple[str, torch.Tensor]]]:
     """Group a stream of tensors into buckets of at most `bucket_bytes`; a group (a decoder layer) is never
     split, and a group bigger than a bucket travels alone.
 
@@ -53,7 +54,7 @@ def plan_buckets(tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int,
     bucket, size = [], 0
     for _, group in itertools.groupby(tensors, key=lambda item: group_of(item[0])):
         group = list(group)
-        n = bucket_nbytes(group)
+        n = bucket_nbytes(group, dtype)
         if bucket and size + n > bucket_bytes:
             yield bucket
             bucket, size = [], 0
@@ -63,13 +64,19 @@ def plan_buckets(tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int,
         yield bucket
 
 
-def pack(bucket: list[tuple[str, torch.Tensor]], buf: torch.Tensor) -> list[list]:
-    """Copy tensors into the uint8 buffer `buf`; return the manifest [[name, dtype, shape, offset], ...]."""
+def nbytes(t: torch.Tensor, dtype: torch.dtype | None) -> int:
+    return t.numel() * (t.element_size() if dtype is None else torch.empty((), dtype=dtype).element_size())
+
+
+def pack(bucket: list[tuple[str, torch.Tensor]], buf: torch.Tensor, dtype: torch.dtype | None = None) -> list[list]:
+    """Copy tensors into the uint8 buffer `buf`, cast to `dtype` on the way (one pass, no intermediate);
+    return the manifest [[name, dtype, shape, offset], ...]."""
     manifest, off = [], 0
     for name, t in bucket:
-        n = t.numel() * t.element_size()
-        buf[off:off + n].view(t.dtype).view(t.shape).copy_(t)
-        manifest.append([name, dtype_name(t.dtype), list(t.shape), off])
+        dt = t.dtype if dtype is None else dtype
+        n = nbytes(t, dt)
+        buf[off:off + n].view(dt).view(t.shape).copy_(t)
+        manifest.append([name, dtype_name(dt), list(t.shape), off])
         off += _aligned(n)
     return manifest
 
@@ -85,8 +92,8 @@ def unpack(buf: torch.Tensor, manifest: list[list]) -> Iterator[tuple[str, torch
         yield name, buf[off:off + n].view(dt).view(shape)
 
 
-def bucket_nbytes(bucket: list[tuple[str, torch.Tensor]]) -> int:
-    return sum(_aligned(t.numel() * t.element_size()) for _, t in bucket)
+def bucket_nbytes(bucket: list[tuple[str, torch.Tensor]], dtype: torch.dtype | None = None) -> int:
+    return sum(_aligned(nbytes(t, dtype)) for _, t in bucket)
 
 
 # ---- shm ------------------------------------------------------------------------------------------
