@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -28,6 +29,8 @@ def _next_token_loss(chunk, seq: torch.Tensor, vocab: int) -> torch.Tensor:
 
 
 def run(out_dir: str | Path = "runs/demo", steps: int = 40, seed: int = 0) -> Path:
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # a demo's output is its own report
+    warnings.filterwarnings("ignore", category=UserWarning)
     import transformers
 
     from rlv_megatron.config import ModelConfig, ParallelConfig, RolloutConfig
