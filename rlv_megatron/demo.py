@@ -29,7 +29,7 @@ def _next_token_loss(chunk, seq: torch.Tensor, vocab: int) -> torch.Tensor:
 
 
 def run(out_dir: str | Path = "runs/demo", steps: int = 40, seed: int = 0) -> Path:
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # a demo's output is its own report
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # a demo's output is its own report
     warnings.filterwarnings("ignore", category=UserWarning)
     import transformers
 

@@ -4,6 +4,8 @@ One engine start (about 25 s) serves every check here: the scenario runs once in
 """
 
 import math
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -31,7 +33,7 @@ def _scenario(model_dir):
     from rlv_megatron.models.builder import build_model, padded_vocab_size
     from rlv_megatron.models.convert import iter_hf_tensors
     from rlv_megatron.models.hf_config import load_arch
-    from rlv_megatron.models.hf_io import HFCheckpoint, load_hf_weights
+    from rlv_megatron.models.hf_io import HFCheckpoint, export_hf, load_hf_weights
     from rlv_megatron.rollout.engine import VLLMEngine
 
     arch = load_arch(model_dir)
@@ -42,7 +44,9 @@ def _scenario(model_dir):
     torch.manual_seed(0)
     seq = torch.randint(3, arch.vocab_size, (40,)).tolist()
     out = {}
-    engine = VLLMEngine(model_dir, RolloutConfig(dtype="float32", max_model_len=256, weight_bucket_mb=1))
+    # the engine starts from Megatron's own export: vLLM must load what export_hf writes
+    export_dir = export_hf(chunks, arch, Path(tempfile.mkdtemp()) / "export", dtype=torch.float32)
+    engine = VLLMEngine(str(export_dir), RolloutConfig(dtype="float32", max_model_len=256, weight_bucket_mb=1))
     try:
         out["pre_engine"] = torch.tensor(engine.prompt_logprobs([seq])[0])
         out["pre_megatron"] = _megatron_logprobs(chunks, seq, arch.vocab_size)
