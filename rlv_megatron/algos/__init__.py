@@ -1,0 +1,1 @@
+"""Value-free RL: advantage estimators and policy losses (registries)."""

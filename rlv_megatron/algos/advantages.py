@@ -1,0 +1,65 @@
+"""Advantage estimators over groups of samples of one prompt (groups may differ in size).
+
+    grpo      A_i = (r_i - mean_g r) / (std_g r + eps)     std unbiased (n-1); a group of one gets 0
+    rloo      A_i = r_i - mean_{j != i} r_j = n/(n-1) (r_i - mean_g r)   (leave-one-out PPO)
+    dr_grpo   A_i = r_i - mean_g r                          (no std, no length normalisation)
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+ADVANTAGES: dict[str, Callable[..., torch.Tensor]] = {}
+
+
+def register_advantage(name: str):
+    def wrap(fn):
+        ADVANTAGES[name] = fn
+        return fn
+    return wrap
+
+
+def group_stats(rewards: torch.Tensor, group_ids: torch.Tensor):
+    """Per-sample group size, mean and unbiased variance (one pass of scatter-adds)."""
+    groups = int(group_ids.max()) + 1 if group_ids.numel() else 0
+    r = rewards.double()
+    n = torch.zeros(groups, dtype=torch.float64).index_add_(0, group_ids, torch.ones_like(r))
+    s = torch.zeros(groups, dtype=torch.float64).index_add_(0, group_ids, r)
+    mean = s / n.clamp(min=1)
+    sq = torch.zeros(groups, dtype=torch.float64).index_add_(0, group_ids, (r - mean[group_ids]) ** 2)
+    var = sq / (n - 1).clamp(min=1)
+    return n[group_ids], mean[group_ids], var[group_ids]
+
+
+@register_advantage("grpo")
+def grpo(rewards: torch.Tensor, group_ids: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    n, mean, var = group_stats(rewards, group_ids)
+    adv = (rewards.double() - mean) / (var.sqrt() + eps)
+    return torch.where(n > 1, adv, torch.zeros_like(adv)).to(rewards.dtype)
+
+
+@register_advantage("rloo")
+def rloo(rewards: torch.Tensor, group_ids: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    n, mean, _ = group_stats(rewards, group_ids)
+    adv = n / (n - 1).clamp(min=1) * (rewards.double() - mean)
+    return torch.where(n > 1, adv, torch.zeros_like(adv)).to(rewards.dtype)
+
+
+@register_advantage("dr_grpo")
+def dr_grpo(rewards: torch.Tensor, group_ids: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    _, mean, _ = group_stats(rewards, group_ids)
+    return (rewards.double() - mean).to(rewards.dtype)
+
+
+def compute_advantages(name: str, rewards: torch.Tensor, group_ids: torch.Tensor, eps: float = 1e-6):
+    if name not in ADVANTAGES:
+        raise ValueError(f"algo.advantage={name!r}: unknown (registered: {sorted(ADVANTAGES)})")
+    return ADVANTAGES[name](rewards, group_ids, eps)
+
+
+def informative_groups(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    """Mask of samples whose group has unequal rewards (all-equal groups carry no policy gradient)."""
+    _, _, var = group_stats(rewards, group_ids)
+    return var > 0

@@ -1,0 +1,64 @@
+"""Step metrics: TensorBoard scalars, phase timers, and the verifier's quality on a step's rollouts."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import defaultdict
+
+
+class Metrics:
+    def __init__(self, logdir: str | None):
+        self.writer = None
+        if logdir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(logdir)
+        self.times: dict[str, float] = defaultdict(float)
+        self.history: list[dict] = []
+
+    @contextlib.contextmanager
+    def timer(self, phase: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.times[phase] += time.perf_counter() - t0
+
+    def log(self, step: int, values: dict) -> dict:
+        values = {**values, **{f"time/{k}": v for k, v in self.times.items()}}
+        self.times.clear()
+        if self.writer is not None:
+            for k, v in values.items():
+                if v is not None:
+                    self.writer.add_scalar(k, v, step)
+            self.writer.flush()
+        self.history.append({"step": step, **values})
+        return values
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def auc(scores: list[float], labels: list[bool]) -> float | None:
+    """Mann-Whitney AUC (ties count one half); None with a single class."""
+    pos = [s for s, y in zip(scores, labels) if y]
+    neg = [s for s, y in zip(scores, labels) if not y]
+    if not pos or not neg:
+        return None
+    wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
+    return wins / (len(pos) * len(neg))
+
+
+def verifier_quality(scores: list[float], correct: list[bool], group_ids: list[int]) -> dict:
+    """Accuracy at 0.5, pooled AUC, and AUC within a prompt (mean over prompts with both classes)."""
+    within = []
+    for g in set(group_ids):
+        idx = [i for i, x in enumerate(group_ids) if x == g]
+        a = auc([scores[i] for i in idx], [correct[i] for i in idx])
+        if a is not None:
+            within.append(a)
+    return {"verifier/accuracy": sum((s >= 0.5) == c for s, c in zip(scores, correct)) / max(len(scores), 1),
+            "verifier/auc_pooled": auc(scores, correct),
+            "verifier/auc_within_prompt": sum(within) / len(within) if within else None}

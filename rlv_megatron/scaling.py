@@ -1,0 +1,340 @@
+"""Test-time scaling metrics over a pool of N samples per problem (docs/rlv-method.md, "Test-time scaling").
+
+Conventions (the choices the doc leaves open):
+- A sample whose `answer` is None is invalid: it never votes, counts as wrong, and for best-of selection its
+  score is 0 (likelihood baseline: -inf), as in the authors' code.
+- Samples with equal `answer` keys are one vote and must share `correct`; a mismatch raises ValueError,
+  since it means the grader is inconsistent and every vote metric would be ill-defined.
+- Ties (in votes, vote weights, or best-of scores) get "fraction of credit": if t candidates tie, the credit
+  is the fraction of them that are correct, i.e. the expectation under uniformly random tie-breaking.
+  Weighted sums count as tied within a relative 1e-9 (float sums of equal totals may differ in the last bit).
+- Likelihood baselines: weighted_likelihood votes with weight exp(logprob_mean) (the per-token geometric-mean
+  probability of the sample); best_of_likelihood ranks by logprob_mean.
+- Verifier metrics (AUC, accuracy, ECE) use the raw `score` of every sample, invalid ones included, with
+  label `correct and answer is not None`: they judge the verifier on everything it was asked about.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+_TIE_RTOL = 1e-9
+_CHUNK_ELEMS = 1 << 22  # problems are processed in chunks of about this many subset x sample cells
+
+
+@dataclass(frozen=True)
+class Sample:
+    answer: Hashable | None  # canonical answer key; None = no answer extracted (invalid)
+    correct: bool
+    score: float  # verifier P("Yes") in [0, 1]
+    logprob_mean: float | None = None  # mean token log-prob, for the likelihood baselines
+
+
+def powers_of_two_up_to(n: int) -> list[int]:
+    return [1 << i for i in range(n.bit_length())] if n >= 1 else []
+
+
+# ---------------------------------------------------------------------------------------------- pass@k
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k = 1 - C(n-c, k) / C(n, k), as a product so no huge binomials appear."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"need 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    # C(n-c, k) / C(n, k) = prod_{i=n-c+1}^{n} (1 - k/i)
+    return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1, dtype=np.float64)))
+
+
+# ---------------------------------------------------------------------------------------------- best-of-k
+
+@functools.lru_cache(maxsize=256)
+def _top_weights(n: int, k: int) -> np.ndarray:
+    """P(rank i is the top of a uniformly random k-subset) = C(n-i-1, k-1) / C(n, k)."""
+    total = math.comb(n, k)
+    w = np.array([math.comb(n - i - 1, k - 1) / total for i in range(n)])  # exact big-int division
+    w.flags.writeable = False
+    return w
+
+
+def _tie_averaged(scores: np.ndarray, correct: np.ndarray) -> np.ndarray:
+    """Correctness by descending-score rank, averaged within each group of equal scores.
+
+    Random tie-breaking puts each tied sample at each tied rank equally often, so averaging the
+    correctness over the group gives the expectation of the analytic formula.
+    """
+    if np.isnan(scores).any():
+        raise ValueError("scores contain NaN")
+    order = np.argsort(-scores, kind="stable")
+    _, inv, cnt = np.unique(scores[order], return_inverse=True, return_counts=True)
+    return (np.bincount(inv, weights=correct[order].astype(np.float64)) / cnt)[inv]
+
+
+def best_of_k(scores: Sequence[float], correct: Sequence[bool], k: int) -> float:
+    """Expected correctness of the top-scored sample of a uniformly random k-subset (ties: fraction of credit)."""
+    s = np.asarray(scores, dtype=np.float64)
+    c = np.asarray(correct, dtype=bool)
+    if s.shape != c.shape or s.ndim != 1:
+        raise ValueError("scores and correct must be 1-D and of equal length")
+    _check_k(k, s.size)
+    return float(_tie_averaged(s, c) @ _top_weights(s.size, k))
+
+
+# ---------------------------------------------------------------------------------------------- voting
+
+def _check_k(k: int, n: int) -> None:
+    if not 1 <= k <= n:
+        raise ValueError(f"k={k} is out of range for a pool of N={n} samples (need 1 <= k <= N)")
+
+
+def _encode(samples: Sequence[Sample]) -> tuple[np.ndarray, np.ndarray]:
+    """Answer codes per sample (-1 = invalid) and correctness per distinct answer."""
+    codes = np.full(len(samples), -1, dtype=np.int64)
+    index: dict = {}
+    answer_correct: list[bool] = []
+    for i, s in enumerate(samples):
+        if s.answer is None:
+            continue
+        d = index.setdefault(s.answer, len(index))
+        if d == len(answer_correct):
+            answer_correct.append(bool(s.correct))
+        elif answer_correct[d] != bool(s.correct):
+            raise ValueError(f"answer {s.answer!r} is marked both correct and wrong")
+        codes[i] = d
+    return codes, np.array(answer_correct, dtype=bool)
+
+
+def _weights(samples: Sequence[Sample], key: str) -> np.ndarray:
+    if key == "score":
+        w = np.array([s.score for s in samples], dtype=np.float64)
+    elif key == "likelihood":
+        if any(s.logprob_mean is None for s in samples):
+            raise ValueError("key='likelihood' needs logprob_mean on every sample")
+        w = np.exp(np.array([s.logprob_mean for s in samples], dtype=np.float64))
+    else:
+        raise ValueError(f"unknown weight key {key!r} (use 'score' or 'likelihood')")
+    if not (w >= 0).all():  # also catches NaN
+        raise ValueError("vote weights must be non-negative numbers")
+    return w
+
+
+def _credit(votes: np.ndarray, present: np.ndarray, answer_correct: np.ndarray) -> np.ndarray:
+    """Fraction-of-credit correctness of the argmax answer; votes/present [P, S, D], answer_correct [P, D]."""
+    top = np.where(present, votes, -np.inf).max(-1, keepdims=True)
+    tied = present & (votes >= top - _TIE_RTOL * np.abs(top))
+    n_tied = tied.sum(-1)
+    n_right = (tied & answer_correct[:, None, :]).sum(-1)
+    return np.where(n_tied > 0, n_right / np.maximum(n_tied, 1), 0.0)  # no valid answer: 0
+
+
+def _vote_scores(codes: np.ndarray, answer_correct: np.ndarray, weights: Sequence[np.ndarray],
+                 subsets: np.ndarray, ks: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Majority and weighted vote credit, averaged over subsets, for every k in ks.
+
+    codes [P, N]; answer_correct [P, D] (padded with False); weights: list of [P, N];
+    subsets [P, S, >=max(ks)] sample indices whose first k columns form each size-k subset.
+    Returns majority [len(ks), P] and weighted [len(weights), len(ks), P].
+    Votes for k are accumulated from those for the previous k, so all ks cost one pass.
+    """
+    p, s = subsets.shape[:2]
+    d = max(answer_correct.shape[1], 1)
+    cell = (np.arange(p)[:, None, None] * s + np.arange(s)[None, :, None]) * d  # flat [P, S] offsets
+    pi = np.arange(p)[:, None, None]
+    counts = np.zeros(p * s * d)
+    sums = np.zeros((len(weights), p * s * d))
+    majority = np.empty((len(ks), p))
+    weighted = np.empty((len(weights), len(ks), p))
+    prev = 0
+    for j in sorted(range(len(ks)), key=lambda j: ks[j]):
+        block = subsets[:, :, prev:ks[j]]
+        prev = ks[j]
+        c = codes[pi, block]
+        valid = c >= 0
+        flat = (cell + c)[valid]
+        counts += np.bincount(flat, minlength=p * s * d)
+        for w, wt in enumerate(weights):
+            sums[w] += np.bincount(flat, weights=wt[pi, block][valid], minlength=p * s * d)
+        present = counts.reshape(p, s, d) > 0
+        majority[j] = _credit(counts.reshape(p, s, d), present, answer_correct).mean(-1)
+        for w in range(len(weights)):
+            weighted[w, j] = _credit(sums[w].reshape(p, s, d), present, answer_correct).mean(-1)
+    return majority, weighted
+
+
+def _random_subsets(rng: np.random.Generator, p: int, subsets: int, n: int) -> np.ndarray:
+    # argsort of i.i.d. keys = a uniform permutation per row; its first k entries are a uniform k-subset.
+    return rng.random((p, subsets, n)).argsort(-1)
+
+
+def _one_problem(samples: Sequence[Sample], k: int, subsets: np.ndarray, key: str | None) -> float:
+    _check_k(k, len(samples))
+    codes, answer_correct = _encode(samples)
+    weights = [] if key is None else [_weights(samples, key)[None]]
+    maj, wtd = _vote_scores(codes[None], answer_correct[None], weights, subsets[None], [k])
+    return float(maj[0, 0] if key is None else wtd[0, 0, 0])
+
+
+def majority_at_k(samples: Sequence[Sample], k: int, subsets: int = 100,
+                  rng: np.random.Generator | int | None = None) -> float:
+    """Mean over `subsets` random k-subsets of whether the most common valid answer is correct."""
+    idx = _random_subsets(np.random.default_rng(rng), 1, subsets, len(samples))[0]
+    return _one_problem(samples, k, idx, None)
+
+
+def weighted_at_k(samples: Sequence[Sample], k: int, subsets: int = 100,
+                  rng: np.random.Generator | int | None = None, key: str = "score") -> float:
+    """Like majority_at_k, but each answer's vote is the sum of its weights (score, or exp(logprob_mean))."""
+    idx = _random_subsets(np.random.default_rng(rng), 1, subsets, len(samples))[0]
+    return _one_problem(samples, k, idx, key)
+
+
+def _all_subsets(n: int, k: int) -> np.ndarray:
+    _check_k(k, n)
+    return np.array(list(itertools.combinations(range(n), k)), dtype=np.int64).reshape(-1, k)
+
+
+def majority_at_k_exact(samples: Sequence[Sample], k: int) -> float:
+    """majority@k averaged over all C(N, k) subsets (small N only): what majority_at_k estimates."""
+    return _one_problem(samples, k, _all_subsets(len(samples), k), None)
+
+
+def weighted_at_k_exact(samples: Sequence[Sample], k: int, key: str = "score") -> float:
+    """weighted@k averaged over all C(N, k) subsets (small N only): what weighted_at_k estimates."""
+    return _one_problem(samples, k, _all_subsets(len(samples), k), key)
+
+
+# ---------------------------------------------------------------------------------------------- verifier
+
+def _labels(samples: Sequence[Sample]) -> np.ndarray:
+    return np.array([bool(s.correct) and s.answer is not None for s in samples], dtype=bool)
+
+
+def _raw_scores(samples: Sequence[Sample]) -> np.ndarray:
+    return np.array([s.score for s in samples], dtype=np.float64)
+
+
+def auc(scores: Sequence[float], labels: Sequence[bool]) -> float | None:
+    """ROC AUC via Mann-Whitney U (ties count 0.5); None when only one class is present."""
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(labels, dtype=bool)
+    if s.shape != y.shape or s.ndim != 1:
+        raise ValueError("scores and labels must be 1-D and of equal length")
+    if np.isnan(s).any():
+        raise ValueError("scores contain NaN")
+    n_pos = int(y.sum())
+    n_neg = y.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return None
+    _, inv, cnt = np.unique(s, return_inverse=True, return_counts=True)
+    ranks = (np.cumsum(cnt) - (cnt - 1) / 2.0)[inv]  # 1-based average ranks
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def within_prompt_auc(problems: Sequence[Sequence[Sample]]) -> float | None:
+    """Mean per-problem AUC over problems that have both correct and wrong samples (None if there are none)."""
+    vals = [a for p in problems if (a := auc(_raw_scores(p), _labels(p))) is not None]
+    return float(np.mean(vals)) if vals else None
+
+
+def pooled_auc(problems: Sequence[Sequence[Sample]]) -> float | None:
+    """AUC over all samples of all problems; rewards a verifier that only predicts problem difficulty."""
+    flat = [s for p in problems for s in p]
+    return auc(_raw_scores(flat), _labels(flat))
+
+
+def _pooled(problems: Sequence[Sequence[Sample]]) -> tuple[np.ndarray, np.ndarray]:
+    flat = [s for p in problems for s in p]
+    if not flat:
+        raise ValueError("no samples")
+    return _raw_scores(flat), _labels(flat)
+
+
+def verifier_accuracy(problems: Sequence[Sequence[Sample]], threshold: float = 0.5) -> float:
+    """Fraction of samples where (score >= threshold) matches correctness, pooled over samples."""
+    s, y = _pooled(problems)
+    return float(np.mean((s >= threshold) == y))
+
+
+def calibration_error(problems: Sequence[Sequence[Sample]], bins: int = 10) -> float:
+    """Expected calibration error: equal-width bins on [0, 1], sum_b n_b/n * |mean(correct) - mean(score)|."""
+    s, y = _pooled(problems)
+    b = np.clip(np.floor(s * bins).astype(np.int64), 0, bins - 1)  # score 1.0 goes in the last bin
+    gap = np.bincount(b, weights=y.astype(np.float64), minlength=bins) - np.bincount(b, weights=s, minlength=bins)
+    return float(np.abs(gap).sum() / s.size)
+
+
+# ---------------------------------------------------------------------------------------------- evaluate
+
+def evaluate(problems: Sequence[Sequence[Sample]], ks: Sequence[int], subsets: int = 100,
+             seed: int = 0) -> dict[str, float]:
+    """All scaling metrics, each a mean over problems; every problem must have the same pool size N.
+
+    Keys: pass@k, majority@k, weighted@k, best_of@k for each k; weighted_likelihood@k and
+    best_of_likelihood@k when every sample has logprob_mean; verifier_auc_within_prompt,
+    verifier_auc_pooled (NaN when undefined), verifier_accuracy, verifier_ece, num_problems.
+    Majority and weighted votes of one problem share the same random subsets.
+    """
+    if not problems:
+        raise ValueError("no problems")
+    ks = [int(k) for k in ks]
+    n = len(problems[0])
+    if any(len(p) != n for p in problems):
+        raise ValueError(f"all problems need the same pool size N, got {sorted({len(p) for p in problems})}")
+    for k in ks:
+        _check_k(k, n)
+    likelihood = all(s.logprob_mean is not None for p in problems for s in p)
+    keys = ["score", "likelihood"] if likelihood else ["score"]
+
+    # pass@k and best-of@k are analytic: mean over problems first, then one dot product per k.
+    num_correct = [int(_labels(p).sum()) for p in problems]
+    rank_correct = {key: np.zeros(n) for key in keys}
+    for p in problems:
+        valid = np.array([s.answer is not None for s in p])
+        labels = _labels(p)
+        rank_correct["score"] += _tie_averaged(np.where(valid, _raw_scores(p), 0.0), labels)
+        if likelihood:
+            lp = np.array([s.logprob_mean for s in p], dtype=np.float64)
+            rank_correct["likelihood"] += _tie_averaged(np.where(valid, lp, -np.inf), labels)
+
+    # Votes: problems in chunks, subsets drawn from one generator in problem order.
+    rng = np.random.default_rng(seed)
+    majority = np.zeros(len(ks))
+    weighted = np.zeros((len(keys), len(ks)))
+    chunk = max(1, _CHUNK_ELEMS // (subsets * n))
+    for start in range(0, len(problems), chunk):
+        part = problems[start:start + chunk]
+        encoded = [_encode(p) for p in part]
+        d = max(1, max(ac.size for _, ac in encoded))
+        codes = np.stack([c for c, _ in encoded])
+        answer_correct = np.zeros((len(part), d), dtype=bool)
+        for i, (_, ac) in enumerate(encoded):
+            answer_correct[i, :ac.size] = ac
+        weights = [np.stack([_weights(p, key) for p in part]) for key in keys]
+        idx = _random_subsets(rng, len(part), subsets, n)
+        maj, wtd = _vote_scores(codes, answer_correct, weights, idx, ks)
+        majority += maj.sum(-1)
+        weighted += wtd.sum(-1)
+
+    m = len(problems)
+    out: dict[str, float] = {}
+    for j, k in enumerate(ks):
+        out[f"pass@{k}"] = float(np.mean([pass_at_k(n, c, k) for c in num_correct]))
+        out[f"majority@{k}"] = float(majority[j] / m)
+        out[f"weighted@{k}"] = float(weighted[0, j] / m)
+        out[f"best_of@{k}"] = float(rank_correct["score"] @ _top_weights(n, k) / m)
+        if likelihood:
+            out[f"weighted_likelihood@{k}"] = float(weighted[1, j] / m)
+            out[f"best_of_likelihood@{k}"] = float(rank_correct["likelihood"] @ _top_weights(n, k) / m)
+    within, pooled = within_prompt_auc(problems), pooled_auc(problems)
+    out["verifier_auc_within_prompt"] = math.nan if within is None else within
+    out["verifier_auc_pooled"] = math.nan if pooled is None else pooled
+    out["verifier_accuracy"] = verifier_accuracy(problems)
+    out["verifier_ece"] = calibration_error(problems)
+    out["num_problems"] = m
+    return out

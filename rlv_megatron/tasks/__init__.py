@@ -1,0 +1,1 @@
+"""Tasks: prompts, answers and graders (registry)."""

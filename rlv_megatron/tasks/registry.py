@@ -1,0 +1,58 @@
+"""Task registry: each task gives problems, a tokenizer, a batch grader and an answer key for voting."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Callable
+
+from rlv_megatron.config import TaskConfig
+
+TASKS: dict[str, Callable[[TaskConfig, str], "Task"]] = {}
+
+
+def register_task(name: str):
+    def wrap(fn):
+        TASKS[name] = fn
+        return fn
+    return wrap
+
+
+@dataclass
+class Task:
+    name: str
+    eval: list  # held-out problems with .id, .prompt, .answer
+    sample_train: Callable[[int, int], list]  # (n, seed) -> n training problems, disjoint from eval
+    tokenizer: object
+    grade: Callable[[list[str], list[str]], tuple[list[float], dict]]
+    answer_key: Callable[[str], str | None]
+    # (prompt, solution text) pairs for the warm start: correct ones, and wrong ones for the verifier
+    sft_pairs: Callable[[list, random.Random], tuple[list[tuple[str, str]], list[tuple[str, str]]]] | None = None
+    close: Callable[[], None] = field(default=lambda: None)
+
+
+def make_task(cfg: TaskConfig, question: str, num_eval: int, seed: int = 0) -> Task:
+    if cfg.name not in TASKS:
+        raise ValueError(f"task.name={cfg.name!r}: unknown (registered: {sorted(TASKS)})")
+    return TASKS[cfg.name](cfg, question, num_eval, seed)
+
+
+@register_task("subset_sum")
+def _subset_sum(cfg: TaskConfig, question: str, num_eval: int, seed: int) -> Task:
+    from rlv_megatron.tasks import subset_sum as ss
+
+    scfg = ss.SubsetSumConfig(n_numbers=cfg.n_numbers, digits=cfg.digits, min_target=cfg.min_target)
+    held_out = ss.problems(num_eval, seed=10_000 + seed, cfg=scfg)
+    # training prompts are drawn on the fly (see train_sampler); keep the held-out ones out of them
+    exclude = {p.prompt for p in held_out}
+
+    def grade(texts, golds):
+        return [ss.grade(t, g) for t, g in zip(texts, golds)], {"graded": len(texts), "timeouts": 0, "errors": 0}
+
+    def sft_pairs(problems, rng):
+        good = [(p.prompt, ss.trace(p.subset)) for p in problems]
+        bad = [(p.prompt, ss.corrupted_trace(p, rng)) for p in problems]
+        return good, bad
+
+    return Task("subset_sum", held_out, lambda n, seed: ss.problems(n, seed=seed, cfg=scfg, exclude=exclude),
+                ss.make_tokenizer(question), grade, ss.extract_answer, sft_pairs)

@@ -1,0 +1,1 @@
+"""Training: the RL^V step, the SFT warm start, the loop."""

@@ -1,0 +1,88 @@
+"""The RL^V loop: rollout -> reward -> advantages -> verifier batch -> train step(s) -> weight sync ->
+metrics -> periodic eval and checkpoint. Reads like DESIGN.md's flow; the work lives in the modules."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from rlv_megatron.algos.advantages import compute_advantages, informative_groups
+from rlv_megatron.evaluate import evaluate
+from rlv_megatron.metrics import verifier_quality
+from rlv_megatron.train.step import rlv_loss, score
+from rlv_megatron.verifier import build_sequences, verifier_selection
+
+
+def rollout_seed(seed: int, step: int, prompt: int) -> int:
+    """Sampling is seeded per (run seed, step, prompt): a resumed run draws the same samples."""
+    return (seed * 1_000_003 + step * 10_007 + prompt) % (1 << 31)
+
+
+def rl_step(step, policy, engine, task, fmt, cfg, metrics, rng) -> dict:
+    a = cfg.algo
+    with metrics.timer("rollout"):
+        problems = task.sample_train(a.prompts_per_step, seed=rollout_seed(cfg.train.seed, step, 0))
+        prompts = [fmt.prompt_ids(p.prompt) for p in problems]
+        outs = engine.generate(prompts, n=a.group_size, temperature=a.temperature, top_p=a.top_p,
+                               max_tokens=a.max_tokens, stop_token_ids=[fmt.eos_id],
+                               seeds=[rollout_seed(cfg.train.seed, step, i) for i in range(len(prompts))])
+    flat = [(i, s) for i, group in enumerate(outs) for s in group]
+    with metrics.timer("reward"):
+        texts = [fmt.decode(s.token_ids) for _, s in flat]
+        rewards, grade_stats = task.grade(texts, [problems[i].answer for i, _ in flat])
+    group_ids = torch.tensor([i for i, _ in flat])
+    r = torch.tensor(rewards, dtype=torch.float32)
+    adv = compute_advantages(a.advantage, r, group_ids, a.adv_eps)
+    batch = build_sequences(fmt, [prompts[i] for i, _ in flat], [s.token_ids for _, s in flat], rewards,
+                            adv.tolist(), verifier_selection(rewards, cfg.verifier.examples, rng),
+                            task.tokenizer.pad_token_id, rollout_logps=[s.logprobs for _, s in flat])
+    with metrics.timer("train"):
+        old_logp, p_yes = score(policy.model, batch, policy.vocab, a.temperature, fmt.yes_id)
+        keep = informative_groups(r, group_ids) if a.filter_equal_reward_groups else torch.ones_like(r, dtype=bool)
+        # all-equal groups carry no policy gradient but still teach the verifier
+        batch.policy_mask &= keep[:, None]
+        train_stats = {}
+        for _ in range(a.ppo_epochs):
+            for idx in torch.randperm(len(batch)).chunk(a.ppo_minibatches):
+                loss, train_stats = rlv_loss(policy.model, batch.select(idx), old_logp[idx], policy.vocab, a,
+                                             cfg.verifier, fmt.yes_id, fmt.no_id)
+                train_stats["grad_norm"] = policy.step(loss)
+    with metrics.timer("sync"):
+        sync = engine.update_weights(policy.hf_tensors())
+    m = batch.policy_mask
+    gap = ((old_logp - batch.rollout_logp).abs() * m).sum() / m.sum().clamp(min=1)
+    lengths = [len(s.token_ids) for _, s in flat]
+    n_tokens = sum(lengths) + sum(len(p) for p in prompts) * a.group_size
+    return {"reward/mean": r.mean().item(), "reward/pass@1": r.mean().item(),
+            "reward/informative_groups": keep.float().mean().item(),
+            "grader/timeouts": grade_stats.get("timeouts", 0), "grader/errors": grade_stats.get("errors", 0),
+            "response/length_mean": sum(lengths) / len(lengths),
+            "policy/train_rollout_logprob_gap": gap.item(), "sync/seconds": sync.seconds,
+            "throughput/rollout_tokens": n_tokens, **train_stats,
+            **verifier_quality(p_yes.tolist(), [x >= 1.0 for x in rewards], group_ids.tolist())}
+
+
+def train(policy, engine, task, fmt, cfg, metrics, out_dir: Path) -> list[dict]:
+    rng = random.Random(cfg.train.seed)
+    evals = []
+    for step in tqdm(range(cfg.train.steps), desc="rl", mininterval=5):
+        values = rl_step(step, policy, engine, task, fmt, cfg, metrics, rng)
+        phases = sum(v for k, v in metrics.times.items())
+        values["throughput/tokens_per_s"] = values["throughput/rollout_tokens"] / max(phases, 1e-9)
+        metrics.log(step, values)
+        last = step == cfg.train.steps - 1
+        if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and not last:
+            evals.append(run_eval(step, engine, task, fmt, cfg, metrics))
+        if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0 or last:
+            policy.export(out_dir / "model", task.tokenizer)
+    return evals
+
+
+def run_eval(step, engine, task, fmt, cfg, metrics) -> dict:
+    with metrics.timer("eval"):
+        result, _ = evaluate(engine, fmt, task, task.eval, cfg.eval, cfg.algo.max_tokens)
+    metrics.log(step, {f"eval/{k}": v for k, v in result.items()})
+    return {"step": step, **result}

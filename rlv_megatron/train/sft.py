@@ -1,0 +1,38 @@
+"""Warm start: SFT on correct solutions, and (optionally) the verification format on correct and wrong
+ones, so RL starts from a model that can already answer the verification question (toy-findings.md)."""
+
+from __future__ import annotations
+
+import random
+
+from tqdm import tqdm
+
+from rlv_megatron.train.step import sft_loss
+from rlv_megatron.verifier import build_sequences
+
+
+def warm_start(policy, task, fmt, cfg, metrics=None) -> dict:
+    if task.sft_pairs is None:
+        raise ValueError(f"task.name={task.name}: has no warm-start data (sft.steps must be 0)")
+    rng = random.Random(cfg.train.seed)
+    for g in policy.optimizer.param_groups:
+        g["lr"] = cfg.sft.lr
+    tok = task.tokenizer
+    last = {}
+    for step in tqdm(range(cfg.sft.steps), desc="sft", mininterval=5):
+        problems = task.sample_train(cfg.sft.batch_size, seed=rng.randrange(1 << 30))
+        good, bad = task.sft_pairs(problems, rng)
+        pairs = good + (bad if cfg.sft.verify else [])
+        prompts = [fmt.prompt_ids(p) for p, _ in pairs]
+        responses = [tok.encode(s, add_special_tokens=False) + [fmt.eos_id] for _, s in pairs]
+        n_good = len(good)
+        batch = build_sequences(fmt, prompts, responses, rewards=[1.0] * n_good + [0.0] * (len(pairs) - n_good),
+                                advantages=[0.0] * len(pairs), verify=[cfg.sft.verify] * len(pairs),
+                                pad_id=tok.pad_token_id, policy=[True] * n_good + [False] * (len(pairs) - n_good))
+        loss, last = sft_loss(policy.model, batch, policy.vocab, fmt.yes_id, fmt.no_id, cfg.verifier.loss)
+        policy.step(loss)
+        if metrics is not None and step % 20 == 0:
+            metrics.log(step, last)
+    for g in policy.optimizer.param_groups:
+        g["lr"] = cfg.optim.lr
+    return last

@@ -1,0 +1,78 @@
+"""Training sequences for RL^V: one sequence per rollout carries both losses.
+
+Under a causal mask, appending the verification turn after the response changes none of the response's
+log-probs, so one forward pass over
+
+    prompt | response (ends in its stop token) | verify suffix | "Yes"/"No"
+
+gives the policy loss (response targets) and the verifier loss (the answer target) on the same rollout.
+Inputs are the sequence minus its last token, targets the sequence shifted by one.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from rlv_megatron.tasks.chat import ChatFormat
+
+
+@dataclass
+class SequenceBatch:
+    tokens: torch.Tensor  # [B, L] inputs (right-padded with pad_id)
+    targets: torch.Tensor  # [B, L]
+    policy_mask: torch.Tensor  # [B, L] bool: targets that are response tokens
+    verify_pos: torch.Tensor  # [B] target index of the Yes/No answer (every sequence has one)
+    verify_label: torch.Tensor  # [B] yes_id / no_id
+    verify_weight: torch.Tensor  # [B] 1 for the verification examples the loss uses, else 0
+    advantages: torch.Tensor  # [B]
+    rollout_logp: torch.Tensor  # [B, L] engine's sampling log-probs at response targets (0 elsewhere)
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    def select(self, idx: torch.Tensor) -> "SequenceBatch":
+        return SequenceBatch(*(getattr(self, f)[idx] for f in self.__dataclass_fields__))
+
+
+def verifier_selection(rewards: list[float], mode: str, rng: random.Random) -> list[bool]:
+    """Which rollouts become verification examples: all, or class-balanced (majority class subsampled)."""
+    if mode == "all":
+        return [True] * len(rewards)
+    if mode != "balanced":
+        raise ValueError(f"verifier.examples={mode!r}: must be all or balanced")
+    pos = [i for i, r in enumerate(rewards) if r >= 1.0]
+    neg = [i for i, r in enumerate(rewards) if r < 1.0]
+    keep = set(rng.sample(pos, min(len(pos), len(neg))) + rng.sample(neg, min(len(pos), len(neg))))
+    return [i in keep for i in range(len(rewards))]
+
+
+def build_sequences(fmt: ChatFormat, prompts: list[list[int]], responses: list[list[int]],
+                    rewards: list[float], advantages: list[float], verify: list[bool], pad_id: int,
+                    rollout_logps: list[list[float]] | None = None, policy: list[bool] | None = None
+                    ) -> SequenceBatch:
+    """Every sequence carries the verification turn (so P(Yes) on every rollout is one forward away);
+    `verify` picks the ones the verifier loss uses, `policy` the ones the policy loss uses."""
+    B = len(prompts)
+    policy = [True] * B if policy is None else policy
+    seqs = [fmt.verify_ids(p, r) + [fmt.label_id(reward >= 1.0)] for p, r, reward in zip(prompts, responses, rewards)]
+    L = max(len(s) for s in seqs) - 1
+    tokens = torch.full((B, L), pad_id, dtype=torch.long)
+    targets = torch.full((B, L), pad_id, dtype=torch.long)
+    policy_mask = torch.zeros(B, L, dtype=torch.bool)
+    rollout_logp = torch.zeros(B, L)
+    for i, (s, p, r) in enumerate(zip(seqs, prompts, responses)):
+        t = torch.tensor(s)
+        tokens[i, :len(s) - 1] = t[:-1]
+        targets[i, :len(s) - 1] = t[1:]
+        first = len(p) - 1  # target index of the first response token
+        policy_mask[i, first:first + len(r)] = policy[i]
+        if rollout_logps is not None:
+            rollout_logp[i, first:first + len(r)] = torch.tensor(rollout_logps[i], dtype=torch.float32)
+    return SequenceBatch(tokens, targets, policy_mask,
+                         verify_pos=torch.tensor([len(s) - 2 for s in seqs]),
+                         verify_label=torch.tensor([s[-1] for s in seqs]),
+                         verify_weight=torch.tensor(verify, dtype=torch.float32),
+                         advantages=torch.tensor(advantages, dtype=torch.float32), rollout_logp=rollout_logp)
