@@ -31,14 +31,14 @@ class Task:
     close: Callable[[], None] = field(default=lambda: None)
 
 
-def make_task(cfg: TaskConfig, question: str, num_eval: int, seed: int = 0) -> Task:
+def make_task(cfg: TaskConfig, question: str, num_eval: int, seed: int = 0, tokenizer_path: str | None = None) -> Task:
     if cfg.name not in TASKS:
         raise ValueError(f"task.name={cfg.name!r}: unknown (registered: {sorted(TASKS)})")
-    return TASKS[cfg.name](cfg, question, num_eval, seed)
+    return TASKS[cfg.name](cfg, question, num_eval, seed, tokenizer_path)
 
 
 @register_task("subset_sum")
-def _subset_sum(cfg: TaskConfig, question: str, num_eval: int, seed: int) -> Task:
+def _subset_sum(cfg: TaskConfig, question: str, num_eval: int, seed: int, tokenizer_path=None) -> Task:
     from rlv_megatron.tasks import subset_sum as ss
 
     scfg = ss.SubsetSumConfig(n_numbers=cfg.n_numbers, digits=cfg.digits, min_target=cfg.min_target)
@@ -56,3 +56,32 @@ def _subset_sum(cfg: TaskConfig, question: str, num_eval: int, seed: int) -> Tas
 
     return Task("subset_sum", held_out, lambda n, seed: ss.problems(n, seed=seed, cfg=scfg, exclude=exclude),
                 ss.make_tokenizer(question), grade, ss.extract_answer, sft_pairs)
+
+
+def _dataset_task(name: str, grader: str, loader_name: str, answer_key_name: str):
+    """MATH / GSM8K (or any user jsonl/parquet with the same fields), graded in a process pool."""
+
+    def make(cfg: TaskConfig, question: str, num_eval: int, seed: int, tokenizer_path=None) -> Task:
+        from transformers import AutoTokenizer
+
+        from rlv_megatron.config import ConfigError
+        from rlv_megatron.tasks import graders, math_data
+
+        for field_name in ("train_path", "eval_path"):
+            if getattr(cfg, field_name) is None:
+                raise ConfigError(f"task.{field_name}: required for task.name={name} (a jsonl or parquet file)")
+        if tokenizer_path is None:
+            raise ConfigError(f"model.path: task.name={name} needs the model's Hugging Face tokenizer")
+        load = getattr(math_data, loader_name)
+        train = load(cfg.train_path, skip_invalid=True)
+        held_out = load(cfg.eval_path)[:num_eval]
+        pool = graders.GraderPool(grader, workers=cfg.grader_workers, timeout_s=cfg.grader_timeout_s)
+        return Task(name, held_out, lambda n, seed: random.Random(seed).sample(train, n),
+                    AutoTokenizer.from_pretrained(tokenizer_path), pool.grade,
+                    getattr(graders, answer_key_name), close=pool.close)
+
+    register_task(name)(make)
+
+
+_dataset_task("math", "math", "load_math", "extract_boxed")
+_dataset_task("gsm8k", "gsm8k", "load_gsm8k", "extract_gsm8k")

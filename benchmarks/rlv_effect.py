@@ -1,0 +1,77 @@
+"""Does RL^V buy test-time scaling? Both arms from one warm start, 2 seeds each, >= 500 held-out problems.
+
+  warm start:  SFT with the verification format (shared by every arm)
+  RL^V:        GRPO + lambda=1 verifier loss        base: GRPO, lambda=0 (its own P(Yes) as LLM-as-judge)
+Prints each run, the bar of issue #3 with pass/fail, and last the path of a JSON with the seed means
+(RL^V keys as in the recipe's metrics.json; the base arm's as base_<key>).
+Usage: python benchmarks/rlv_effect.py [--steps 100] [--problems 500] [--seeds 0 1] [--out runs/rlv_effect]
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes" / "tiny_cpu.py"
+
+
+def run(out: Path, *overrides: str) -> dict:
+    cmd = [sys.executable, str(RECIPE), f"train.out_dir={out}", *overrides]
+    print("$", " ".join(cmd[1:]), flush=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-5000:])
+        raise SystemExit(f"run failed: {out}")
+    path = Path(proc.stdout.strip().splitlines()[-1])
+    return json.loads(path.read_text())
+
+
+def mean(rows: list[dict]) -> dict:
+    keys = [k for k, v in rows[0].items() if isinstance(v, (int, float))]
+    return {k: sum(r[k] for r in rows) / len(rows) for k in keys}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--sft-steps", type=int, default=300)
+    ap.add_argument("--problems", type=int, default=500)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--out", default="runs/rlv_effect")
+    args = ap.parse_args()
+    out = Path(args.out).resolve()
+    ev = [f"eval.num_problems={args.problems}"]
+    warm = run(out / "warm_start", f"sft.steps={args.sft_steps}", "train.steps=0", *ev)
+    print("warm start:", json.dumps({k: round(v, 3) for k, v in warm.items() if "@16" in k or "auc" in k}))
+    arms = {}
+    for lam in (1.0, 0.0):
+        rows = []
+        for seed in args.seeds:
+            rows.append(run(out / f"lam{lam:g}_seed{seed}", f"model.path={out / 'warm_start' / 'start'}",
+                            "sft.steps=0", f"verifier.lam={lam}", f"train.seed={seed}", f"train.steps={args.steps}",
+                            *ev))
+            print(f"lambda={lam:g} seed={seed}:", json.dumps({k: round(rows[-1][k], 3) for k in (
+                "pass@1", "majority@16", "weighted@16", "best_of@16", "verifier_auc_within_prompt")}))
+        arms[lam] = mean(rows)
+    rlv, base = arms[1.0], arms[0.0]
+    result = {**rlv, **{f"base_{k}": v for k, v in base.items()},
+              "warm_start": warm, "runs": {"seeds": args.seeds, "steps": args.steps, "problems": args.problems}}
+    checks = {
+        "weighted@16 >= majority@16 + 3 points": rlv["weighted@16"] >= rlv["majority@16"] + 0.03,
+        "within-prompt AUC >= 0.75": rlv["verifier_auc_within_prompt"] >= 0.75,
+        "weighted@16 > base majority@16 and base weighted@16":
+            rlv["weighted@16"] > max(base["majority@16"], base["weighted@16"]),
+        "pass@1 >= base pass@1 - 2 points": rlv["pass@1"] >= base["pass@1"] - 0.02,
+    }
+    result["bar"] = checks
+    for name, ok in checks.items():
+        print(f"{'PASS' if ok else 'FAIL'}  {name}")
+    path = out / "rlv_effect.json"
+    path.write_text(json.dumps(result, indent=2))
+    print(path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""The synthetic task and the verification layout (exact tokens and label position)."""
+
+import random
+
+import torch
+
+from rlv_megatron.tasks import subset_sum as ss
+from rlv_megatron.tasks.chat import ChatFormat
+from rlv_megatron.verifier import build_sequences, verifier_selection
+
+
+def test_problems_have_a_unique_answer_and_a_valid_trace():
+    for p in ss.problems(200, seed=1):
+        sums = [sum(c) for r in range(1, 5) for c in __import__("itertools").combinations(p.numbers, r)]
+        assert sums.count(p.target) == 1 and p.target >= 100
+        t = ss.trace(p.subset)
+        assert ss.extract_answer(t) == p.answer and ss.grade(t, p.answer) == 1.0
+        assert t.split(";")[-1].endswith(f"={p.target}")
+
+
+def test_corrupted_traces_are_wrong_and_held_out_prompts_stay_out():
+    rng = random.Random(0)
+    held = ss.problems(50, seed=2)
+    for p in held:
+        assert ss.grade(ss.corrupted_trace(p, rng), p.answer) == 0.0
+    train = ss.problems(500, seed=3, exclude={p.prompt for p in held})
+    assert not {p.prompt for p in train} & {p.prompt for p in held}
+
+
+def test_malformed_solutions_have_no_answer():
+    for bad in ["", "12+", "12+30=42;43+5=48", "12+30=42;42+x=1", "#"]:
+        assert ss.extract_answer(bad) is None
+
+
+def test_verification_layout_exact_tokens_and_label_position():
+    tok = ss.make_tokenizer()
+    fmt = ChatFormat(tok)
+    prompt = fmt.prompt_ids("12,34:46")
+    assert tok.convert_ids_to_tokens(prompt) == ["<bos>", "<|user|>", *"12,34:46", "<|assistant|>"]
+    response = tok.encode("12+34=46", add_special_tokens=False) + [fmt.eos_id]
+    truncated = tok.encode("12+3", add_special_tokens=False)
+    batch = build_sequences(fmt, [prompt, prompt], [response, truncated], rewards=[1.0, 0.0], advantages=[0.5, -0.5],
+                            verify=[True, False], pad_id=tok.pad_token_id, rollout_logps=[[-0.1] * 9, [-0.2] * 4])
+    full = prompt + response + fmt.verify_suffix_ids + [fmt.yes_id]
+    assert tok.convert_ids_to_tokens(fmt.verify_suffix_ids) == ["<|user|>", fmt.question, "<|assistant|>"]
+    assert batch.tokens[0, :len(full) - 1].tolist() == full[:-1]
+    assert batch.targets[0, :len(full) - 1].tolist() == full[1:]
+    assert batch.verify_pos[0].item() == len(full) - 2 and batch.targets[0, batch.verify_pos[0]].item() == fmt.yes_id
+    # the policy targets are exactly the response tokens (EOS included)
+    assert batch.targets[0][batch.policy_mask[0]].tolist() == response
+    # a truncated response gets an EOS before the verification turn, which is not a policy target
+    assert batch.targets[1][batch.policy_mask[1]].tolist() == truncated
+    assert batch.targets[1, batch.verify_pos[1]].item() == fmt.no_id
+    assert batch.verify_weight.tolist() == [1.0, 0.0]
+    assert torch.equal(batch.rollout_logp[0][batch.policy_mask[0]], torch.full((9,), -0.1))
+
+
+def test_balanced_verifier_examples():
+    rewards = [1.0] * 3 + [0.0] * 7
+    keep = verifier_selection(rewards, "balanced", random.Random(0))
+    assert sum(k for k, r in zip(keep, rewards) if r) == 3 and sum(k for k, r in zip(keep, rewards) if not r) == 3
+    assert verifier_selection(rewards, "all", random.Random(0)) == [True] * 10
+
+
+def test_math_and_gsm8k_tasks_read_shared_data_and_grade(tmp_path):
+    from pathlib import Path
+
+    from rlv_megatron.config import TaskConfig
+    from rlv_megatron.tasks.registry import make_task
+
+    data = Path(__file__).resolve().parents[2] / "shared" / "data"
+    ss.make_tokenizer().save_pretrained(tmp_path)  # any HF tokenizer directory serves for grading
+    math_task = make_task(TaskConfig(name="math", train_path=str(data / "math/train.jsonl"),
+                                     eval_path=str(data / "math500/test.jsonl")), "q", num_eval=8,
+                          tokenizer_path=str(tmp_path))
+    gsm_task = make_task(TaskConfig(name="gsm8k", train_path=str(data / "gsm8k/train.jsonl"),
+                                    eval_path=str(data / "gsm8k/test.jsonl")), "q", num_eval=8,
+                         tokenizer_path=str(tmp_path))
+    try:
+        for task, fmt_answer in ((math_task, "so the answer is $\\boxed{%s}$."), (gsm_task, "... #### %s")):
+            assert len(task.eval) == 8 and len(task.sample_train(5, seed=0)) == 5
+            right = [fmt_answer % p.answer for p in task.eval]
+            wrong = [fmt_answer % "987654321" for p in task.eval]  # no MATH-500/GSM8K answer here is that
+            scores, stats = task.grade(right + wrong, [p.answer for p in task.eval] * 2)
+            assert scores == [1.0] * 8 + [0.0] * 8 and stats["timeouts"] == 0
+            assert task.answer_key(right[0]) is not None
+    finally:
+        math_task.close()
+        gsm_task.close()
+
+
+def test_dataset_task_needs_its_paths():
+    import pytest
+
+    from rlv_megatron.config import ConfigError, TaskConfig
+    from rlv_megatron.tasks.registry import make_task
+
+    with pytest.raises(ConfigError, match="task.train_path"):
+        make_task(TaskConfig(name="math"), "q", num_eval=1, tokenizer_path="x")
