@@ -23,7 +23,8 @@ from rlv_megatron.tasks.chat import ChatFormat
 class SequenceBatch:
     tokens: torch.Tensor  # [B, L] inputs (right-padded with pad_id)
     targets: torch.Tensor  # [B, L]
-    policy_mask: torch.Tensor  # [B, L] bool: targets that are response tokens
+    response_mask: torch.Tensor  # [B, L] bool: targets that are response tokens
+    policy_mask: torch.Tensor  # [B, L] bool: the response targets the policy loss uses
     verify_pos: torch.Tensor  # [B] target index of the Yes/No answer (every sequence has one)
     verify_label: torch.Tensor  # [B] yes_id / no_id
     verify_weight: torch.Tensor  # [B] 1 for the verification examples the loss uses, else 0
@@ -61,17 +62,18 @@ def build_sequences(fmt: ChatFormat, prompts: list[list[int]], responses: list[l
     L = max(len(s) for s in seqs) - 1
     tokens = torch.full((B, L), pad_id, dtype=torch.long)
     targets = torch.full((B, L), pad_id, dtype=torch.long)
-    policy_mask = torch.zeros(B, L, dtype=torch.bool)
+    response_mask = torch.zeros(B, L, dtype=torch.bool)
     rollout_logp = torch.zeros(B, L)
     for i, (s, p, r) in enumerate(zip(seqs, prompts, responses)):
         t = torch.tensor(s)
         tokens[i, :len(s) - 1] = t[:-1]
         targets[i, :len(s) - 1] = t[1:]
         first = len(p) - 1  # target index of the first response token
-        policy_mask[i, first:first + len(r)] = policy[i]
+        response_mask[i, first:first + len(r)] = True
         if rollout_logps is not None:
             rollout_logp[i, first:first + len(r)] = torch.tensor(rollout_logps[i], dtype=torch.float32)
-    return SequenceBatch(tokens, targets, policy_mask,
+    policy_mask = response_mask & torch.tensor(policy)[:, None]
+    return SequenceBatch(tokens, targets, response_mask, policy_mask,
                          verify_pos=torch.tensor([len(s) - 2 for s in seqs]),
                          verify_label=torch.tensor([s[-1] for s in seqs]),
                          verify_weight=torch.tensor(verify, dtype=torch.float32),

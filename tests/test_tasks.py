@@ -50,6 +50,7 @@ def test_verification_layout_exact_tokens_and_label_position():
     assert batch.targets[0][batch.policy_mask[0]].tolist() == response
     # a truncated response gets an EOS before the verification turn, which is not a policy target
     assert batch.targets[1][batch.policy_mask[1]].tolist() == truncated
+    assert torch.equal(batch.response_mask, batch.policy_mask)
     assert batch.targets[1, batch.verify_pos[1]].item() == fmt.no_id
     assert batch.verify_weight.tolist() == [1.0, 0.0]
     assert torch.equal(batch.rollout_logp[0][batch.policy_mask[0]], torch.full((9,), -0.1))

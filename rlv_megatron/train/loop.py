@@ -52,7 +52,7 @@ def rl_step(step, policy, engine, task, fmt, cfg, metrics, rng) -> dict:
                 train_stats["grad_norm"] = policy.step(loss)
     with metrics.timer("sync"):
         sync = engine.update_weights(policy.hf_tensors())
-    m = batch.policy_mask
+    m = batch.response_mask
     gap = ((old_logp - batch.rollout_logp).abs() * m).sum() / m.sum().clamp(min=1)
     lengths = [len(s.token_ids) for _, s in flat]
     n_tokens = sum(lengths) + sum(len(p) for p in prompts) * a.group_size

@@ -31,7 +31,7 @@ def forward(model, batch: SequenceBatch, vocab: int, temperature: float) -> Forw
     rows = torch.arange(len(batch))
     answer_logits = logits[rows, batch.verify_pos]
     with torch.no_grad():  # over every response token (the loss mask may drop filtered groups)
-        m = batch.rollout_logp != 0 if batch.rollout_logp.any() else batch.policy_mask
+        m = batch.response_mask
         ent = -(logprobs.exp() * logprobs).sum(-1)
         entropy = (ent * m).sum() / m.sum().clamp(min=1)
     return Forward(logp, answer_logits, entropy)
