@@ -7,18 +7,12 @@
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 
-ADVANTAGES: dict[str, Callable[..., torch.Tensor]] = {}
+from rlv_megatron.registry import Registry
 
-
-def register_advantage(name: str):
-    def wrap(fn):
-        ADVANTAGES[name] = fn
-        return fn
-    return wrap
+ADVANTAGES = Registry("algo.advantage")
+register_advantage = ADVANTAGES.register
 
 
 def group_stats(rewards: torch.Tensor, group_ids: torch.Tensor):
@@ -54,9 +48,7 @@ def dr_grpo(rewards: torch.Tensor, group_ids: torch.Tensor, eps: float = 1e-6) -
 
 
 def compute_advantages(name: str, rewards: torch.Tensor, group_ids: torch.Tensor, eps: float = 1e-6):
-    if name not in ADVANTAGES:
-        raise ValueError(f"algo.advantage={name!r}: unknown (registered: {sorted(ADVANTAGES)})")
-    return ADVANTAGES[name](rewards, group_ids, eps)
+    return ADVANTAGES.lookup(name)(rewards, group_ids, eps)
 
 
 def informative_groups(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:

@@ -13,18 +13,13 @@ constant (Dr.GRPO: sum / (num_sequences * a fixed length), no length normalisati
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
-AGGREGATIONS: dict[str, Callable[..., torch.Tensor]] = {}
+from rlv_megatron.registry import Registry
 
-
-def register_aggregation(name: str):
-    def wrap(fn):
-        AGGREGATIONS[name] = fn
-        return fn
-    return wrap
+AGGREGATIONS = Registry("algo.loss_agg")
+register_aggregation = AGGREGATIONS.register
 
 
 @register_aggregation("token_mean")
@@ -48,9 +43,7 @@ def constant_norm(values: torch.Tensor, mask: torch.Tensor, constant: int | None
 
 
 def aggregate(name: str, values, mask, constant=None) -> torch.Tensor:
-    if name not in AGGREGATIONS:
-        raise ValueError(f"algo.loss_agg={name!r}: unknown (registered: {sorted(AGGREGATIONS)})")
-    return AGGREGATIONS[name](values, mask.to(values.dtype), constant)
+    return AGGREGATIONS.lookup(name)(values, mask.to(values.dtype), constant)
 
 
 @dataclass

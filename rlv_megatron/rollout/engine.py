@@ -11,27 +11,20 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import torch
 
 from rlv_megatron.config import RolloutConfig
+from rlv_megatron.registry import Registry
 from rlv_megatron.rollout import transport
 
-ENGINES: dict[str, Callable[..., "VLLMEngine"]] = {}
-
-
-def register_engine(name: str):
-    def wrap(cls):
-        ENGINES[name] = cls
-        return cls
-    return wrap
+ENGINES = Registry("rollout.engine")
+register_engine = ENGINES.register
 
 
 def make_engine(name: str, model_dir: str, cfg: RolloutConfig):
-    if name not in ENGINES:
-        raise ValueError(f"rollout.engine={name!r}: unknown (registered: {sorted(ENGINES)})")
-    return ENGINES[name](model_dir, cfg)
+    return ENGINES.lookup(name)(model_dir, cfg)
 
 
 @dataclass

@@ -7,15 +7,10 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from rlv_megatron.config import TaskConfig
+from rlv_megatron.registry import Registry
 
-TASKS: dict[str, Callable[[TaskConfig, str], "Task"]] = {}
-
-
-def register_task(name: str):
-    def wrap(fn):
-        TASKS[name] = fn
-        return fn
-    return wrap
+TASKS = Registry("task.name")
+register_task = TASKS.register
 
 
 @dataclass
@@ -32,9 +27,7 @@ class Task:
 
 
 def make_task(cfg: TaskConfig, question: str, num_eval: int, seed: int = 0, tokenizer_path: str | None = None) -> Task:
-    if cfg.name not in TASKS:
-        raise ValueError(f"task.name={cfg.name!r}: unknown (registered: {sorted(TASKS)})")
-    return TASKS[cfg.name](cfg, question, num_eval, seed, tokenizer_path)
+    return TASKS.lookup(cfg.name)(cfg, question, num_eval, seed, tokenizer_path)
 
 
 @register_task("subset_sum")
