@@ -35,6 +35,15 @@ class Policy:
                             padded_vocab_size(arch.vocab_size, cfg.model.make_vocab_size_divisible_by, 1))
         self.vocab = arch.vocab_size
         self.optimizer = self.make_optimizer(cfg.optim.lr)
+        self.reference = None  # frozen copy for the KL term; see freeze_reference
+
+    def freeze_reference(self) -> None:
+        """Snapshot the current weights as the KL reference (after the warm start; only when kl_beta > 0)."""
+        import copy
+
+        self.reference = copy.deepcopy(self.model).eval()
+        for p in self.reference.parameters():
+            p.requires_grad_(False)
 
     def make_optimizer(self, lr: float) -> torch.optim.Optimizer:
         o = self.cfg.optim

@@ -47,6 +47,8 @@ def run(cfg: Config) -> Path:
         with metrics.timer("sft"):
             results["sft"] = warm_start(policy, task, fmt, cfg, metrics)
         policy.optimizer = policy.make_optimizer(cfg.optim.lr)
+    if cfg.algo.kl_beta > 0:
+        policy.freeze_reference()
     engine = make_engine("vllm", str(policy.export(out / "start", task.tokenizer)), cfg.rollout)
     try:
         if cfg.eval.before_rl:

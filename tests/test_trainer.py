@@ -27,9 +27,11 @@ def _two_steps(out_dir):
     cfg.algo.prompts_per_step, cfg.algo.group_size, cfg.algo.max_tokens = 4, 4, 16
     cfg.algo.filter_equal_reward_groups = False  # a random model earns no reward: keep a policy gradient
     cfg.algo.advantage = "dr_grpo"
+    cfg.algo.kl_beta = 0.1  # exercise the frozen reference
     task = make_task(cfg.task, cfg.verifier.question, num_eval=4)
     fmt = ChatFormat(task.tokenizer, cfg.verifier.question)
     policy = Policy(cfg, scratch_arch(cfg, len(task.tokenizer), task.tokenizer))
+    policy.freeze_reference()
     engine = make_engine("vllm", str(policy.export(f"{out_dir}/start", task.tokenizer)), cfg.rollout)
     seq = fmt.prompt_ids(task.eval[0].prompt) + task.tokenizer.encode("12+34=46", add_special_tokens=False)
 
@@ -59,6 +61,8 @@ def test_two_rl_steps_change_loss_weights_and_engine(tmp_path):
             assert math.isfinite(s[key]), key
         assert s["loss/verifier"] > 0.1  # an untrained verifier is far from certain
         assert 0.0 <= s["reward/mean"] <= 1.0 and s["sync/seconds"] > 0
+    assert out["steps"][0]["policy/kl_to_reference"] == 0.0  # the first update starts at the reference
+    assert out["steps"][1]["policy/kl_to_reference"] > 0.0
     assert out["moved"] > 1e-5
     assert out["engine_change"] > 1e-3  # the engine received the new weights...
     assert out["engine_vs_megatron"] < 1e-4  # ...exactly

@@ -41,6 +41,8 @@ def rl_step(step, policy, engine, task, fmt, cfg, metrics, rng) -> dict:
                             task.tokenizer.pad_token_id, rollout_logps=[s.logprobs for _, s in flat])
     with metrics.timer("train"):
         old_logp, p_yes = score(policy.model, batch, policy.vocab, a.temperature, fmt.yes_id)
+        ref_logp = None if policy.reference is None else \
+            score(policy.reference, batch, policy.vocab, a.temperature, fmt.yes_id)[0]
         keep = informative_groups(r, group_ids) if a.filter_equal_reward_groups else torch.ones_like(r, dtype=bool)
         # all-equal groups carry no policy gradient but still teach the verifier
         batch.policy_mask &= keep[:, None]
@@ -48,7 +50,8 @@ def rl_step(step, policy, engine, task, fmt, cfg, metrics, rng) -> dict:
         for _ in range(a.ppo_epochs):
             for idx in torch.randperm(len(batch)).chunk(a.ppo_minibatches):
                 loss, train_stats = rlv_loss(policy.model, batch.select(idx), old_logp[idx], policy.vocab, a,
-                                             cfg.verifier, fmt.yes_id, fmt.no_id)
+                                             cfg.verifier, fmt.yes_id, fmt.no_id,
+                                             None if ref_logp is None else ref_logp[idx])
                 train_stats["grad_norm"] = policy.step(loss)
     with metrics.timer("sync"):
         sync = engine.update_weights(policy.hf_tensors())

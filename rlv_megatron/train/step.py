@@ -45,14 +45,15 @@ def score(model, batch: SequenceBatch, vocab: int, temperature: float, yes_id: i
 
 
 def rlv_loss(model, batch: SequenceBatch, old_logp: torch.Tensor, vocab: int, algo: AlgoConfig,
-             ver: VerifierConfig, yes_id: int, no_id: int):
+             ver: VerifierConfig, yes_id: int, no_id: int, ref_logp: torch.Tensor | None = None):
     """loss = PPO-clip(policy tokens) + lambda * CE(Yes/No); returns (loss, metrics dict of floats)."""
     f = forward(model, batch, vocab, algo.temperature)
     pol = policy_loss(f.logp, old_logp, batch.advantages, batch.policy_mask, algo.clip_low, algo.clip_high,
-                      algo.loss_agg, algo.max_tokens, batch.rollout_logp, algo.tis_cap)
+                      algo.loss_agg, algo.max_tokens, batch.rollout_logp, algo.tis_cap, ref_logp, algo.kl_beta)
     loss = pol.loss
     metrics = {"loss/policy": pol.loss.item(), "policy/clip_fraction": pol.clip_fraction.item(),
-               "policy/ratio_mean": pol.ratio_mean.item(), "policy/entropy": f.entropy.item()}
+               "policy/ratio_mean": pol.ratio_mean.item(), "policy/entropy": f.entropy.item(),
+               "policy/kl_to_reference": pol.kl.item()}
     v = verifier_loss(f.answer_logits, batch.verify_label, yes_id, no_id, ver.loss, batch.verify_weight)
     metrics["loss/verifier"] = v.item()
     if ver.lam > 0:
