@@ -39,9 +39,9 @@ class Policy:
 
     def freeze_reference(self) -> None:
         """Snapshot the current weights as the KL reference (after the warm start; only when kl_beta > 0)."""
-        import copy
-
-        self.reference = copy.deepcopy(self.model).eval()
+        # a second build, not deepcopy: megatron modules hold process groups, which cannot be copied
+        self.reference = build_model(self.arch, self.cfg.parallel, self.cfg.model)[0].eval()
+        self.reference.load_state_dict(self.model.state_dict())
         for p in self.reference.parameters():
             p.requires_grad_(False)
 
