@@ -1,0 +1,33 @@
+"""The Hydra recipe: resolved config printing and start-up validation (no training)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny_cpu.py"
+
+
+def _run(*args, timeout=120):
+    return subprocess.run([sys.executable, str(RECIPE), *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_cfg_job_prints_the_resolved_config():
+    out = _run("--cfg", "job", "verifier.lam=0.5", "algo.advantage=rloo")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "lam: 0.5" in out.stdout and "advantage: rloo" in out.stdout and "group_size: 8" in out.stdout
+
+
+def test_unknown_field_fails_naming_it():
+    out = _run("verifier.lamda=1")
+    assert out.returncode != 0 and "lamda" in out.stderr
+
+
+def test_wrong_type_fails_naming_the_field():
+    out = _run("algo.group_size=eight")
+    assert out.returncode != 0 and "group_size" in out.stderr
+
+
+def test_invalid_choice_fails_before_any_work(tmp_path):
+    out = _run("algo.advantage=ppo", f"train.out_dir={tmp_path}")
+    assert out.returncode != 0 and "algo.advantage='ppo'" in out.stderr
+    assert not (tmp_path / "metrics.json").exists()
