@@ -111,7 +111,9 @@ class OptimConfig:
 class SFTConfig:
     steps: int = 600
     batch_size: int = 128  # correct traces per step (as many corrupted ones for the verifier)
-    lr: float = 1e-3
+    lr: float = 1e-3  # peak: linear warm-up, then cosine decay to lr * min_lr_ratio
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1
     verify: bool = True  # teach the verification format in the warm start
 
 
@@ -189,6 +191,9 @@ def validate(cfg: Config, arch=None) -> None:
         raise ConfigError("parallel.sequence_parallel=true needs parallel.tp >= 2")
     if cfg.model.fp8 is not None and cfg.model.impl == "local":
         raise ConfigError("model.fp8 needs model.impl=te (TransformerEngine); the local spec has no FP8")
+    if cfg.sft.warmup_steps < 0 or not 0.0 <= cfg.sft.min_lr_ratio <= 1.0:
+        raise ConfigError(f"sft.warmup_steps={cfg.sft.warmup_steps}, sft.min_lr_ratio={cfg.sft.min_lr_ratio}: "
+                          "need warmup_steps >= 0 and 0 <= min_lr_ratio <= 1")
     if cfg.verifier.lam < 0:
         raise ConfigError(f"verifier.lam={cfg.verifier.lam}: must be >= 0")
     if cfg.algo.advantage in ("grpo", "rloo") and cfg.algo.group_size < 2:

@@ -52,6 +52,7 @@ def test_bad_config_json_names_file_and_line(tmp_path):
     (("model", "fp8", "e5m2"), "model.fp8"),
     (("rollout", "transport", "tcp"), "rollout.transport"),
     (("rollout", "weight_bucket_mb", 0), "rollout.weight_bucket_mb"),
+    (("sft", "min_lr_ratio", 1.5), "sft.min_lr_ratio"),
 ])
 def test_invalid_config_names_the_field(setting, field):
     cfg = Config()

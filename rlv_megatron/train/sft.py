@@ -3,6 +3,7 @@ ones, so RL starts from a model that can already answer the verification questio
 
 from __future__ import annotations
 
+import math
 import random
 
 from tqdm import tqdm
@@ -15,11 +16,11 @@ def warm_start(policy, task, fmt, cfg, metrics=None) -> dict:
     if task.sft_pairs is None:
         raise ValueError(f"task.name={task.name}: has no warm-start data (sft.steps must be 0)")
     rng = random.Random(cfg.train.seed)
-    for g in policy.optimizer.param_groups:
-        g["lr"] = cfg.sft.lr
     tok = task.tokenizer
     last = {}
     for step in tqdm(range(cfg.sft.steps), desc="sft", mininterval=5):
+        for g in policy.optimizer.param_groups:
+            g["lr"] = sft_lr(step, cfg.sft)
         problems = task.sample_train(cfg.sft.batch_size, seed=rng.randrange(1 << 30))
         good, bad = task.sft_pairs(problems, rng)
         pairs = good + (bad if cfg.sft.verify else [])
@@ -36,3 +37,12 @@ def warm_start(policy, task, fmt, cfg, metrics=None) -> dict:
     for g in policy.optimizer.param_groups:
         g["lr"] = cfg.optim.lr
     return last
+
+
+def sft_lr(step: int, sft) -> float:
+    """Linear warm-up to sft.lr, then cosine decay to sft.lr * sft.min_lr_ratio at the last step."""
+    if step < sft.warmup_steps:
+        return sft.lr * (step + 1) / sft.warmup_steps
+    progress = (step - sft.warmup_steps) / max(sft.steps - sft.warmup_steps - 1, 1)
+    floor = sft.lr * sft.min_lr_ratio
+    return floor + (sft.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
