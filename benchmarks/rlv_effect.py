@@ -11,6 +11,7 @@ import argparse
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,10 +21,12 @@ RECIPE = ROOT / "recipes" / "tiny_cpu.py"
 def run(out: Path, *overrides: str) -> dict:
     cmd = [sys.executable, str(RECIPE), f"train.out_dir={out}", *overrides]
     print("$", " ".join(cmd[1:]), flush=True)
+    t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-5000:])
         raise SystemExit(f"run failed: {out}")
+    print(f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
     path = Path(proc.stdout.strip().splitlines()[-1])
     return json.loads(path.read_text())
 

@@ -64,9 +64,9 @@ class TaskConfig:
     train_path: Optional[str] = None  # math/gsm8k: jsonl or parquet
     eval_path: Optional[str] = None
     # subset_sum difficulty knobs
-    n_numbers: int = 4
-    digits: int = 2
-    min_target: int = 100
+    n_numbers: int = 5
+    digits: int = 1
+    min_target: int = 10
     grader_workers: int = 2
     grader_timeout_s: float = 5.0
 
@@ -95,7 +95,9 @@ class VerifierConfig:
     lam: float = 1.0  # lambda; 0 = the base RL method
     question: str = "Is this solution correct? Answer Yes or No"
     examples: str = "all"  # all | balanced
-    loss: str = "yes_no"  # full (the paper's) | yes_no (two-way; stable from a small warm start)
+    # full: the paper's CE over the vocabulary; scores are raw P("Yes"). yes_no: two-way CE (for a start that
+    # never saw the format, toy-findings.md); scores are P(Yes) renormalised over {Yes, No}
+    loss: str = "full"
 
 
 @dataclass

@@ -15,7 +15,8 @@ def sample_pool(engine, fmt: ChatFormat, task, problems, cfg: EvalConfig, max_to
     flat = [(i, s) for i, group in enumerate(outs) for s in group]
     texts = [fmt.decode(s.token_ids) for _, s in flat]
     correct, _ = task.grade(texts, [problems[i].answer for i, _ in flat])
-    p_yes = engine.score_yes([fmt.verify_ids(prompts[i], s.token_ids) for i, s in flat], fmt.yes_id)
+    p_yes = engine.score_yes([fmt.verify_ids(prompts[i], s.token_ids) for i, s in flat], fmt.yes_id,
+                             fmt.score_no_id)
     pool = [[] for _ in problems]
     for (i, s), text, c, y in zip(flat, texts, correct, p_yes):
         pool[i].append({"problem_id": problems[i].id, "sample": text, "answer": task.answer_key(text),

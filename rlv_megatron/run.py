@@ -38,7 +38,7 @@ def run(cfg: Config) -> Path:
     out = Path(cfg.train.out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     task = make_task(cfg.task, cfg.verifier.question, cfg.eval.num_problems, seed=0, tokenizer_path=cfg.model.path)
-    fmt = ChatFormat(task.tokenizer, cfg.verifier.question)
+    fmt = ChatFormat(task.tokenizer, cfg.verifier.question, two_way=cfg.verifier.loss == "yes_no")
     arch = None if cfg.model.path else scratch_arch(cfg, len(task.tokenizer), task.tokenizer)
     policy = Policy(cfg, arch)
     metrics = Metrics(str(out / "tb"))

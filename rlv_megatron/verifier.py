@@ -38,6 +38,15 @@ class SequenceBatch:
         return SequenceBatch(*(getattr(self, f)[idx] for f in self.__dataclass_fields__))
 
 
+def yes_score(p_yes: float, p_no: float | None = None) -> float:
+    """The verifier's score of one solution: raw P("Yes") (the paper's), or P(Yes) / (P(Yes) + P(No)) for a
+    verifier trained two-way (`verifier.loss=yes_no`), whose other tokens keep arbitrary mass there."""
+    if p_no is None:
+        return p_yes
+    total = p_yes + p_no
+    return p_yes / total if total > 0 else 0.0
+
+
 def verifier_selection(rewards: list[float], mode: str, rng: random.Random) -> list[bool]:
     """Which rollouts become verification examples: all, or class-balanced (majority class subsampled)."""
     if mode == "all":

@@ -78,6 +78,7 @@ def _scenario(model_dir):
                                        for s in samples] for p, samples in zip(prompts, out["gen_a"])]
         # P("Yes") with "Yes" = the most likely next token (inside the top-k), and the least likely (outside)
         out["score_yes"], out["p_yes_megatron"], out["score_unlikely"] = [], [], []
+        out["score_two_way"], out["two_way_megatron"] = [], []
         for p in prompts:
             with torch.no_grad():
                 logits = chunks[0](torch.tensor([p]), torch.arange(len(p))[None], None)[0, -1, :arch.vocab_size]
@@ -86,6 +87,9 @@ def _scenario(model_dir):
             out["score_yes"] += engine.score_yes([p], likely)
             out["p_yes_megatron"].append(probs[likely].item())
             out["score_unlikely"] += engine.score_yes([p], unlikely)
+            second = int(probs.argsort()[-2])  # renormalised over {most likely, second}: both in the top-k
+            out["score_two_way"] += engine.score_yes([p], likely, second)
+            out["two_way_megatron"].append((probs[likely] / (probs[likely] + probs[second])).item())
         out["vocab"] = arch.vocab_size
         out["hf_tensors"] = len(HFCheckpoint(model_dir).weight_map)
     finally:
@@ -148,3 +152,5 @@ def test_score_yes_is_p_yes(scenario):
     for got, ref in zip(scenario["score_yes"], scenario["p_yes_megatron"]):
         assert got == pytest.approx(ref, rel=1e-4)
     assert scenario["score_unlikely"] == [0.0] * len(scenario["prompts"])  # outside the top-k: 0 by definition
+    for got, ref, raw in zip(scenario["score_two_way"], scenario["two_way_megatron"], scenario["score_yes"]):
+        assert got == pytest.approx(ref, rel=1e-4) and got > raw

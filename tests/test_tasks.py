@@ -1,7 +1,10 @@
 """The synthetic task and the verification layout (exact tokens and label position)."""
 
+import itertools
 import random
+import re
 
+import pytest
 import torch
 
 from rlv_megatron.tasks import subset_sum as ss
@@ -9,20 +12,46 @@ from rlv_megatron.tasks.chat import ChatFormat
 from rlv_megatron.verifier import build_sequences, verifier_selection
 
 
-def test_problems_have_a_unique_answer_and_a_valid_trace():
-    for p in ss.problems(200, seed=1):
-        sums = [sum(c) for r in range(1, 5) for c in __import__("itertools").combinations(p.numbers, r)]
-        assert sums.count(p.target) == 1 and p.target >= 100
+@pytest.mark.parametrize("cfg", [ss.SubsetSumConfig(), ss.SubsetSumConfig(n_numbers=4, digits=2, min_target=100)])
+def test_problems_have_a_unique_answer_and_a_valid_trace(cfg):
+    for p in ss.problems(200, seed=1, cfg=cfg):
+        sums = [sum(c) for r in range(1, 6) for c in itertools.combinations(p.numbers, r)]
+        assert sums.count(p.target) == 1 and p.target >= cfg.min_target
+        assert len(p.numbers) == cfg.n_numbers and all(len(str(n)) == cfg.digits for n in p.numbers)
         t = ss.trace(p.subset)
         assert ss.extract_answer(t) == p.answer and ss.grade(t, p.answer) == 1.0
         assert t.split(";")[-1].endswith(f"={p.target}")
 
 
-def test_corrupted_traces_are_wrong_and_held_out_prompts_stay_out():
+@pytest.mark.parametrize("cfg", [ss.SubsetSumConfig(), ss.SubsetSumConfig(n_numbers=4, digits=2, min_target=100)])
+def test_corrupted_traces_are_wrong_and_of_every_kind(cfg):
     rng = random.Random(0)
+    kinds = set()
+    for p in ss.problems(100, seed=2, cfg=cfg):
+        for _ in range(5):
+            bad = ss.corrupted_trace(p, rng)
+            assert ss.grade(bad, p.answer) == 0.0, (p.prompt, bad)
+            steps = [tuple(map(int, re.split(r"[+=]", s))) for s in bad.split(";")]
+            chosen = [steps[0][0]] + [b for _, b, _ in steps]
+            arithmetic_ok = all(a + b == c for a, b, c in steps)
+            ends_at_target = steps[-1][2] == p.target
+            if any(x not in p.numbers for x in chosen):
+                kinds.add("invented")
+                assert arithmetic_ok and ends_at_target
+            elif len(set(chosen)) < len(chosen):
+                kinds.add("repeated")
+                assert arithmetic_ok and ends_at_target
+            elif arithmetic_ok:
+                kinds.add("wrong_subset")
+                assert not ends_at_target
+            else:
+                kinds.add("forced_target")
+                assert ends_at_target and all(a + b == c for a, b, c in steps[:-1])
+    assert kinds == {"invented", "repeated", "wrong_subset", "forced_target"}
+
+
+def test_held_out_prompts_stay_out_of_training():
     held = ss.problems(50, seed=2)
-    for p in held:
-        assert ss.grade(ss.corrupted_trace(p, rng), p.answer) == 0.0
     train = ss.problems(500, seed=3, exclude={p.prompt for p in held})
     assert not {p.prompt for p in train} & {p.prompt for p in held}
 

@@ -18,6 +18,7 @@ import torch
 from rlv_megatron.config import RolloutConfig
 from rlv_megatron.registry import Registry
 from rlv_megatron.rollout import transport
+from rlv_megatron.verifier import yes_score
 
 ENGINES = Registry("rollout.engine")
 register_engine = ENGINES.register
@@ -111,16 +112,18 @@ class VLLMEngine:
             result.append(samples)
         return result
 
-    def score_yes(self, prompts: Sequence[Sequence[int]], yes_token_id: int) -> list[float]:
-        """P("Yes") at the first generated position of each verification prompt (raw, not renormalised);
-        a "Yes" outside the top-k log-probs counts as 0."""
+    def score_yes(self, prompts: Sequence[Sequence[int]], yes_token_id: int,
+                  no_token_id: int | None = None) -> list[float]:
+        """P("Yes") at the first generated position of each verification prompt: raw, or renormalised over
+        {Yes, No} when `no_token_id` is given; a token outside the top-k log-probs counts as P=0."""
         params = self._params(n=1, temperature=1.0, top_p=1.0, max_tokens=1, logprobs=self.cfg.logprobs_topk,
                               seed=0)
         outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
         scores = []
         for out in outs:
             top = out.outputs[0].logprobs[0]
-            scores.append(math.exp(top[yes_token_id].logprob) if yes_token_id in top else 0.0)
+            p_yes, p_no = (math.exp(top[t].logprob) if t in top else 0.0 for t in (yes_token_id, no_token_id))
+            scores.append(yes_score(p_yes, p_no if no_token_id is not None else None))
         return scores
 
     def prompt_logprobs(self, sequences: Sequence[Sequence[int]]) -> list[list[float]]:

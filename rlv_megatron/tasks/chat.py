@@ -24,6 +24,7 @@ class ChatFormat:
     question: str = DEFAULT_QUESTION
     yes: str = "Yes"
     no: str = "No"
+    two_way: bool = False  # the verifier is trained on Yes vs No only: score P(Yes) renormalised over both
 
     def __post_init__(self):
         tok = self.tokenizer
@@ -59,6 +60,11 @@ class ChatFormat:
         if not response or response[-1] != self.eos_id:
             response.append(self.eos_id)
         return list(prompt_ids) + response + self.verify_suffix_ids
+
+    @property
+    def score_no_id(self) -> int | None:
+        """The "No" id for the verifier score's renormalisation, or None for the raw P("Yes")."""
+        return self.no_id if self.two_way else None
 
     def label_id(self, correct: bool) -> int:
         return self.yes_id if correct else self.no_id

@@ -1,9 +1,12 @@
 """Synthetic subset-sum: a task a small model learns on CPU in minutes, with a generation-verification gap.
 
-Prompt `59,63,15,43:117` (distinct numbers, a target reached by exactly one subset); a solution is a
-chain of additions over the chosen numbers in prompt order, `59+15=74;74+43=117`. Producing it needs a
-search, checking it is local. The answer (what votes) is the chosen set; it is unique by construction.
-Difficulty knobs: how many numbers, their digits, the subset sizes, the minimum target.
+Prompt `9,4,3,2,6:16` (distinct numbers, a target reached by exactly one subset); a solution is a chain
+of additions over the chosen numbers in prompt order, `9+4=13;13+3=16`. Producing it needs a search,
+checking it is local (are the numbers the prompt's, each used once, the sums right, the end the target).
+The answer (what votes) is the chosen set; it is unique by construction.
+Difficulty knobs: how many numbers, their digits, the subset sizes, the minimum target. The default
+(five one-digit numbers) is one a 0.8M-parameter model learns in minutes on CPU; with two-digit numbers it
+was still guessing most sums after 1000 warm-start steps, so its errors were arithmetic, not search.
 """
 
 from __future__ import annotations
@@ -25,10 +28,10 @@ CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m[
 
 @dataclass(frozen=True)
 class SubsetSumConfig:
-    n_numbers: int = 4
-    digits: int = 2
+    n_numbers: int = 5
+    digits: int = 1
     subset_sizes: tuple[int, ...] = (2, 3)
-    min_target: int = 100
+    min_target: int = 10
 
 
 @dataclass(frozen=True)
@@ -127,12 +130,50 @@ def grade(text: str, gold: str) -> float:
     return 1.0 if extract_answer(text) == gold else 0.0
 
 
-def corrupted_trace(p: Problem, rng: random.Random) -> str:
-    """A wrong solution for the verification warm start: a wrong subset, with correct sums (60%) or with
-    its last sum replaced by the target (40%): the two mistakes a checker must catch."""
+def _wrong_subset(p: Problem, rng: random.Random) -> tuple[int, ...]:
     while True:
         idx = sorted(rng.sample(range(len(p.numbers)), rng.choice((2, 3))))
         chosen = tuple(p.numbers[i] for i in idx)
         if answer_key(chosen) != p.answer:
-            break
-    return trace(chosen) if rng.random() < 0.6 else trace(chosen, wrong_last=p.target)
+            return chosen
+
+
+def _reaching_target(p: Problem, rng: random.Random, extra) -> tuple[int, ...] | None:
+    """Prompt numbers (one or two) plus one number `extra(rest, needed)` that makes the sums reach the
+    target with correct arithmetic; None when no such chain exists for this problem."""
+    lo, hi = 10 ** (len(str(min(p.numbers))) - 1), 10 ** len(str(max(p.numbers))) - 1
+    options = []
+    for r in (1, 2):
+        for rest in itertools.combinations(p.numbers, r):
+            x = extra(rest, p.target - sum(rest))
+            if x is not None and lo <= x <= hi:
+                options.append(rest + (x,))
+    if not options:
+        return None
+    chosen = list(rng.choice(options))
+    x = chosen.pop()
+    chosen.insert(rng.randrange(len(chosen) + 1), x)
+    return tuple(chosen)
+
+
+def _invented(p, rng):
+    """A number that is not in the prompt, chosen so the chain ends exactly at the target."""
+    return _reaching_target(p, rng, lambda rest, needed: needed if needed not in p.numbers else None)
+
+
+def _repeated(p, rng):
+    """A prompt number used twice, ending exactly at the target."""
+    return _reaching_target(p, rng, lambda rest, needed: needed if needed in rest else None)
+
+
+def corrupted_trace(p: Problem, rng: random.Random) -> str:
+    """A wrong solution for the verification warm start, of the kinds a small solver makes and a checker
+    must catch: a wrong subset with correct sums (its end misses the target), a wrong subset whose last sum
+    is replaced by the target, a number invented or used twice so that correct sums reach the target.
+    (The last two are most of a warm-started policy's mistakes; a verifier that never saw them accepts them.)"""
+    kind = rng.choices(("wrong_subset", "forced_target", "invented", "repeated"), weights=(3, 2, 3, 2))[0]
+    chosen = {"invented": _invented, "repeated": _repeated}.get(kind, lambda *_: None)(p, rng)
+    if chosen is not None:
+        return trace(chosen)
+    chosen = _wrong_subset(p, rng)
+    return trace(chosen, wrong_last=p.target) if kind == "forced_target" else trace(chosen)

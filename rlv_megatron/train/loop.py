@@ -40,7 +40,7 @@ def rl_step(step, policy, engine, task, fmt, cfg, metrics, rng) -> dict:
                             adv.tolist(), verifier_selection(rewards, cfg.verifier.examples, rng),
                             task.tokenizer.pad_token_id, rollout_logps=[s.logprobs for _, s in flat])
     with metrics.timer("train"):
-        old_logp, p_yes = score(policy.model, batch, policy.vocab, a.temperature, fmt.yes_id)
+        old_logp, p_yes = score(policy.model, batch, policy.vocab, a.temperature, fmt.yes_id, fmt.score_no_id)
         ref_logp = None if policy.reference is None else \
             score(policy.reference, batch, policy.vocab, a.temperature, fmt.yes_id)[0]
         keep = informative_groups(r, group_ids) if a.filter_equal_reward_groups else torch.ones_like(r, dtype=bool)

@@ -38,10 +38,13 @@ def forward(model, batch: SequenceBatch, vocab: int, temperature: float) -> Forw
 
 
 @torch.no_grad()
-def score(model, batch: SequenceBatch, vocab: int, temperature: float, yes_id: int):
-    """Before an update: the targets' log-probs (PPO's old policy) and P("Yes") at every answer position."""
+def score(model, batch: SequenceBatch, vocab: int, temperature: float, yes_id: int, no_id: int | None = None):
+    """Before an update: the targets' log-probs (PPO's old policy) and the verifier score at every answer
+    position: P("Yes"), or renormalised over {Yes, No} when `no_id` is given (as verifier.yes_score)."""
     f = forward(model, batch, vocab, temperature)
-    return f.logp, torch.softmax(f.answer_logits, -1)[:, yes_id]
+    if no_id is None:
+        return f.logp, torch.softmax(f.answer_logits, -1)[:, yes_id]
+    return f.logp, torch.softmax(f.answer_logits[:, [yes_id, no_id]], -1)[:, 0]
 
 
 def rlv_loss(model, batch: SequenceBatch, old_logp: torch.Tensor, vocab: int, algo: AlgoConfig,
