@@ -30,7 +30,11 @@ def launch_env(environ=None) -> LaunchEnv:
         rank, world, local = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
     else:
         rank, world, local = 0, 1, 0
-    return LaunchEnv(rank, world, local, env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)))
+    if "MASTER_PORT" in env:
+        port = int(env["MASTER_PORT"])
+    else:  # a lone process picks its own port, so two runs on one machine don't collide
+        port = free_port() if world == 1 else 29500
+    return LaunchEnv(rank, world, local, env.get("MASTER_ADDR", "127.0.0.1"), port)
 
 
 def free_port() -> int:

@@ -30,6 +30,17 @@ def table(final: dict) -> str:
     return "\n".join(lines)
 
 
+def headline(final: dict) -> str:
+    """One line: what the verifier bought at the largest k (weighted vote over majority vote)."""
+    n = max(_by_k(final).get("weighted", {0: None}))
+    if not n:
+        return ""
+    gain = 100 * (final[f"weighted@{n}"] - final[f"majority@{n}"])
+    return (f"held-out: pass@1 {final['pass@1']:.3f}, majority@{n} {final[f'majority@{n}']:.3f}, "
+            f"weighted@{n} {final[f'weighted@{n}']:.3f} ({gain:+.1f} points from the verifier), "
+            f"verifier AUC within a prompt {final.get('verifier_auc_within_prompt', float('nan')):.3f}")
+
+
 def plot(history: list[dict], final: dict, path: Path) -> None:
     import matplotlib
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -33,6 +34,10 @@ def run(cfg: Config) -> Path:
     from rlv_megatron import report
 
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    # expected on CPU, and noise in a run's report: megatron's "TransformerEngine/Apex not installed"
+    # fallbacks, numpy's note on flushed denormals
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
+    warnings.filterwarnings("ignore", message="The value of the smallest subnormal")
     torch.set_flush_denormal(True)  # CPU steps slow down ~4x on denormals after a few dozen steps
     torch.manual_seed(cfg.train.seed)
     out = Path(cfg.train.out_dir).resolve()
@@ -69,6 +74,7 @@ def run(cfg: Config) -> Path:
     (out / "history.json").write_text(json.dumps(results, indent=1, default=str))
     report.plot(metrics.history, final, out / "curves.png")
     print(report.table(final))
+    print(report.headline(final))
     path = out / "metrics.json"
     path.write_text(json.dumps(final, indent=2))
     return path
