@@ -16,6 +16,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "tiny_cpu.py"
+KEYS = ("pass@1", "pass@16", "majority@16", "weighted@16", "best_of@16", "weighted_likelihood@16",
+        "verifier_auc_within_prompt")
 
 
 def run(out: Path, *overrides: str) -> dict:
@@ -46,9 +48,9 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(args.out).resolve()
     ev = [f"eval.num_problems={args.problems}"]
-    # the warm start's own evaluation is informative only: a prefix of the same held-out problems
-    warm = run(out / "warm_start", f"sft.steps={args.sft_steps}", "train.steps=0", "eval.num_problems=200")
-    print("warm start:", json.dumps({k: round(v, 3) for k, v in warm.items() if "@16" in k or "auc" in k}))
+    # the warm start, evaluated on the same held-out problems: where both arms begin
+    warm = run(out / "warm_start", f"sft.steps={args.sft_steps}", "train.steps=0", *ev)
+    print("warm start:", json.dumps({k: round(warm[k], 3) for k in KEYS}))
     arms = {}
     for lam in (1.0, 0.0):
         rows = []
@@ -56,8 +58,7 @@ def main() -> None:
             rows.append(run(out / f"lam{lam:g}_seed{seed}", f"model.path={out / 'warm_start' / 'start'}",
                             "sft.steps=0", f"verifier.lam={lam}", f"train.seed={seed}", f"train.steps={args.steps}",
                             *ev))
-            print(f"lambda={lam:g} seed={seed}:", json.dumps({k: round(rows[-1][k], 3) for k in (
-                "pass@1", "majority@16", "weighted@16", "best_of@16", "verifier_auc_within_prompt")}))
+            print(f"lambda={lam:g} seed={seed}:", json.dumps({k: round(rows[-1][k], 3) for k in KEYS}))
         arms[lam] = mean(rows)
     rlv, base = arms[1.0], arms[0.0]
     result = {**rlv, **{f"base_{k}": v for k, v in base.items()},

@@ -64,9 +64,11 @@ class TaskConfig:
     train_path: Optional[str] = None  # math/gsm8k: jsonl or parquet
     eval_path: Optional[str] = None
     # subset_sum difficulty knobs
-    n_numbers: int = 5
-    digits: int = 1
+    n_numbers: int = 4
+    min_number: int = 1
+    max_number: int = 15
     min_target: int = 10
+    held_out: int = 1000  # problems reserved for evaluation, never trained on (eval uses a prefix)
     grader_workers: int = 2
     grader_timeout_s: float = 5.0
 

@@ -12,24 +12,24 @@ from rlv_megatron.tasks.chat import ChatFormat
 from rlv_megatron.verifier import build_sequences, verifier_selection
 
 
-@pytest.mark.parametrize("cfg", [ss.SubsetSumConfig(), ss.SubsetSumConfig(n_numbers=4, digits=2, min_target=100)])
+@pytest.mark.parametrize("cfg", [ss.SubsetSumConfig(), ss.SubsetSumConfig(n_numbers=4, min_number=10, max_number=99, min_target=100)])
 def test_problems_have_a_unique_answer_and_a_valid_trace(cfg):
     for p in ss.problems(200, seed=1, cfg=cfg):
         sums = [sum(c) for r in range(1, 6) for c in itertools.combinations(p.numbers, r)]
         assert sums.count(p.target) == 1 and p.target >= cfg.min_target
-        assert len(p.numbers) == cfg.n_numbers and all(len(str(n)) == cfg.digits for n in p.numbers)
+        assert len(p.numbers) == cfg.n_numbers and all(cfg.min_number <= n <= cfg.max_number for n in p.numbers)
         t = ss.trace(p.subset)
         assert ss.extract_answer(t) == p.answer and ss.grade(t, p.answer) == 1.0
         assert t.split(";")[-1].endswith(f"={p.target}")
 
 
-@pytest.mark.parametrize("cfg", [ss.SubsetSumConfig(), ss.SubsetSumConfig(n_numbers=4, digits=2, min_target=100)])
+@pytest.mark.parametrize("cfg", [ss.SubsetSumConfig(), ss.SubsetSumConfig(n_numbers=4, min_number=10, max_number=99, min_target=100)])
 def test_corrupted_traces_are_wrong_and_of_every_kind(cfg):
     rng = random.Random(0)
     kinds = set()
     for p in ss.problems(100, seed=2, cfg=cfg):
         for _ in range(5):
-            bad = ss.corrupted_trace(p, rng)
+            bad = ss.corrupted_trace(p, rng, cfg)
             assert ss.grade(bad, p.answer) == 0.0, (p.prompt, bad)
             steps = [tuple(map(int, re.split(r"[+=]", s))) for s in bad.split(";")]
             chosen = [steps[0][0]] + [b for _, b, _ in steps]
@@ -37,6 +37,7 @@ def test_corrupted_traces_are_wrong_and_of_every_kind(cfg):
             ends_at_target = steps[-1][2] == p.target
             if any(x not in p.numbers for x in chosen):
                 kinds.add("invented")
+                assert all(cfg.min_number <= x <= cfg.max_number for x in chosen)
                 assert arithmetic_ok and ends_at_target
             elif len(set(chosen)) < len(chosen):
                 kinds.add("repeated")
@@ -50,10 +51,21 @@ def test_corrupted_traces_are_wrong_and_of_every_kind(cfg):
     assert kinds == {"invented", "repeated", "wrong_subset", "forced_target"}
 
 
-def test_held_out_prompts_stay_out_of_training():
-    held = ss.problems(50, seed=2)
-    train = ss.problems(500, seed=3, exclude={p.prompt for p in held})
-    assert not {p.prompt for p in train} & {p.prompt for p in held}
+def test_held_out_problems_stay_out_of_training_in_any_order():
+    from rlv_megatron.config import ConfigError, TaskConfig
+    from rlv_megatron.tasks.registry import make_task
+
+    task = make_task(TaskConfig(), "q", num_eval=500)
+    held = {(frozenset(p.numbers), p.target) for p in task.eval}
+    assert len(held) == 500  # distinct problems, not distinct orderings of a few
+    # the whole reserve stays out, so a run evaluating on more problems never meets trained-on ones
+    reserve = {(frozenset(p.numbers), p.target) for p in make_task(TaskConfig(), "q", num_eval=1000).eval}
+    assert held < reserve
+    for seed in range(5):
+        train = task.sample_train(2000, seed)
+        assert not {(frozenset(p.numbers), p.target) for p in train} & reserve
+    with pytest.raises(ConfigError, match="eval.num_problems=1001"):
+        make_task(TaskConfig(), "q", num_eval=1001)
 
 
 def test_malformed_solutions_have_no_answer():

@@ -6,7 +6,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Callable
 
-from rlv_megatron.config import TaskConfig
+from rlv_megatron.config import ConfigError, TaskConfig
 from rlv_megatron.registry import Registry
 
 TASKS = Registry("task.name")
@@ -34,17 +34,24 @@ def make_task(cfg: TaskConfig, question: str, num_eval: int, seed: int = 0, toke
 def _subset_sum(cfg: TaskConfig, question: str, num_eval: int, seed: int, tokenizer_path=None) -> Task:
     from rlv_megatron.tasks import subset_sum as ss
 
-    scfg = ss.SubsetSumConfig(n_numbers=cfg.n_numbers, digits=cfg.digits, min_target=cfg.min_target)
-    held_out = ss.problems(num_eval, seed=10_000 + seed, cfg=scfg)
-    # training prompts are drawn on the fly (see train_sampler); keep the held-out ones out of them
-    exclude = {p.prompt for p in held_out}
+    scfg = ss.SubsetSumConfig(n_numbers=cfg.n_numbers, min_number=cfg.min_number, max_number=cfg.max_number,
+                              min_target=cfg.min_target)
+    if num_eval > cfg.held_out:
+        raise ConfigError(f"eval.num_problems={num_eval}: more than the task.held_out={cfg.held_out} problems "
+                          "reserved for evaluation")
+    # a fixed reserve, whatever eval.num_problems is: a run that evaluates on more problems than an earlier
+    # one (a warm start, say) must not meet problems that the earlier one trained on
+    reserved = ss.problems(cfg.held_out, seed=10_000 + seed, cfg=scfg)
+    held_out = reserved[:num_eval]
+    # training problems are drawn on the fly; none of them is a reserved one, in any order
+    exclude = {ss.problem_key(p) for p in reserved}
 
     def grade(texts, golds):
         return [ss.grade(t, g) for t, g in zip(texts, golds)], {"graded": len(texts), "timeouts": 0, "errors": 0}
 
     def sft_pairs(problems, rng):
         good = [(p.prompt, ss.trace(p.subset)) for p in problems]
-        bad = [(p.prompt, ss.corrupted_trace(p, rng)) for p in problems]
+        bad = [(p.prompt, ss.corrupted_trace(p, rng, scfg)) for p in problems]
         return good, bad
 
     return Task("subset_sum", held_out, lambda n, seed: ss.problems(n, seed=seed, cfg=scfg, exclude=exclude),
@@ -57,7 +64,6 @@ def _dataset_task(name: str, grader: str, loader_name: str, answer_key_name: str
     def make(cfg: TaskConfig, question: str, num_eval: int, seed: int, tokenizer_path=None) -> Task:
         from transformers import AutoTokenizer
 
-        from rlv_megatron.config import ConfigError
         from rlv_megatron.tasks import graders, math_data
 
         for field_name in ("train_path", "eval_path"):

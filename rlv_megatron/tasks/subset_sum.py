@@ -1,12 +1,15 @@
 """Synthetic subset-sum: a task a small model learns on CPU in minutes, with a generation-verification gap.
 
-Prompt `9,4,3,2,6:16` (distinct numbers, a target reached by exactly one subset); a solution is a chain
-of additions over the chosen numbers in prompt order, `9+4=13;13+3=16`. Producing it needs a search,
+Prompt `9,14,3,6:26` (distinct numbers, a target reached by exactly one subset); a solution is a chain
+of additions over the chosen numbers in prompt order, `9+14=23;23+3=26`. Producing it needs a search,
 checking it is local (are the numbers the prompt's, each used once, the sums right, the end the target).
-The answer (what votes) is the chosen set; it is unique by construction.
-Difficulty knobs: how many numbers, their digits, the subset sizes, the minimum target. The default
-(five one-digit numbers) is one a 0.8M-parameter model learns in minutes on CPU; with two-digit numbers it
-was still guessing most sums after 1000 warm-start steps, so its errors were arithmetic, not search.
+The answer (what votes) is the chosen set; it is unique by construction. Held-out problems are distinct
+as (set of numbers, target), and training never sees one of them in any order.
+Difficulty knobs: how many numbers, their range, the subset sizes, the minimum target. The default (four
+numbers in 1..15: 10,360 distinct problems) is one a 0.8M-parameter model learns in minutes on CPU (600
+warm-start steps: pass@1 .17, pass@16 .73 on unseen problems). Two-digit numbers left it guessing most
+sums after 1000 steps (its errors were arithmetic, not search); one-digit numbers give only 479 distinct
+problems, too few to hold any out; five numbers in 1..15 left it at chance (pass@1 .05 of 20 subsets).
 """
 
 from __future__ import annotations
@@ -28,8 +31,9 @@ CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m[
 
 @dataclass(frozen=True)
 class SubsetSumConfig:
-    n_numbers: int = 5
-    digits: int = 1
+    n_numbers: int = 4
+    min_number: int = 1
+    max_number: int = 15
     subset_sizes: tuple[int, ...] = (2, 3)
     min_target: int = 10
 
@@ -67,7 +71,7 @@ def _subsets(numbers):
 
 
 def make_problem(rng: random.Random, cfg: SubsetSumConfig, pid: str) -> Problem:
-    lo, hi = 10 ** (cfg.digits - 1), 10 ** cfg.digits - 1
+    lo, hi = cfg.min_number, cfg.max_number
     while True:
         numbers = tuple(rng.sample(range(lo, hi + 1), cfg.n_numbers))
         idx = tuple(sorted(rng.sample(range(cfg.n_numbers), rng.choice(cfg.subset_sizes))))
@@ -80,15 +84,20 @@ def make_problem(rng: random.Random, cfg: SubsetSumConfig, pid: str) -> Problem:
         return Problem(pid, f"{','.join(map(str, numbers))}:{target}", answer_key(subset), numbers, target, subset)
 
 
-def problems(n: int, seed: int, cfg: SubsetSumConfig = SubsetSumConfig(), exclude: set[str] = frozenset()
+def problem_key(p: Problem) -> tuple:
+    """What makes two problems the same problem: the set of numbers and the target (not their order)."""
+    return tuple(sorted(p.numbers)), p.target
+
+
+def problems(n: int, seed: int, cfg: SubsetSumConfig = SubsetSumConfig(), exclude: set = frozenset()
              ) -> list[Problem]:
-    """n distinct problems (by prompt); `exclude` keeps held-out prompts out of training."""
+    """n distinct problems (by problem_key); `exclude` (keys) keeps held-out problems out of training."""
     rng = random.Random(seed)
     out, seen = [], set(exclude)
     while len(out) < n:
         p = make_problem(rng, cfg, f"subset_sum:{seed}:{len(out)}")
-        if p.prompt not in seen:
-            seen.add(p.prompt)
+        if problem_key(p) not in seen:
+            seen.add(problem_key(p))
             out.append(p)
     return out
 
@@ -138,15 +147,14 @@ def _wrong_subset(p: Problem, rng: random.Random) -> tuple[int, ...]:
             return chosen
 
 
-def _reaching_target(p: Problem, rng: random.Random, extra) -> tuple[int, ...] | None:
-    """Prompt numbers (one or two) plus one number `extra(rest, needed)` that makes the sums reach the
-    target with correct arithmetic; None when no such chain exists for this problem."""
-    lo, hi = 10 ** (len(str(min(p.numbers))) - 1), 10 ** len(str(max(p.numbers))) - 1
+def _reaching_target(p: Problem, rng: random.Random, cfg: SubsetSumConfig, extra) -> tuple[int, ...] | None:
+    """Prompt numbers (one or two) plus one number `extra(rest, needed)` from the task's range that makes
+    the sums reach the target with correct arithmetic; None when no such chain exists for this problem."""
     options = []
     for r in (1, 2):
         for rest in itertools.combinations(p.numbers, r):
             x = extra(rest, p.target - sum(rest))
-            if x is not None and lo <= x <= hi:
+            if x is not None and cfg.min_number <= x <= cfg.max_number:
                 options.append(rest + (x,))
     if not options:
         return None
@@ -156,23 +164,23 @@ def _reaching_target(p: Problem, rng: random.Random, extra) -> tuple[int, ...] |
     return tuple(chosen)
 
 
-def _invented(p, rng):
+def _invented(p, rng, cfg):
     """A number that is not in the prompt, chosen so the chain ends exactly at the target."""
-    return _reaching_target(p, rng, lambda rest, needed: needed if needed not in p.numbers else None)
+    return _reaching_target(p, rng, cfg, lambda rest, needed: needed if needed not in p.numbers else None)
 
 
-def _repeated(p, rng):
+def _repeated(p, rng, cfg):
     """A prompt number used twice, ending exactly at the target."""
-    return _reaching_target(p, rng, lambda rest, needed: needed if needed in rest else None)
+    return _reaching_target(p, rng, cfg, lambda rest, needed: needed if needed in rest else None)
 
 
-def corrupted_trace(p: Problem, rng: random.Random) -> str:
+def corrupted_trace(p: Problem, rng: random.Random, cfg: SubsetSumConfig = SubsetSumConfig()) -> str:
     """A wrong solution for the verification warm start, of the kinds a small solver makes and a checker
     must catch: a wrong subset with correct sums (its end misses the target), a wrong subset whose last sum
     is replaced by the target, a number invented or used twice so that correct sums reach the target.
     (The last two are most of a warm-started policy's mistakes; a verifier that never saw them accepts them.)"""
     kind = rng.choices(("wrong_subset", "forced_target", "invented", "repeated"), weights=(3, 2, 3, 2))[0]
-    chosen = {"invented": _invented, "repeated": _repeated}.get(kind, lambda *_: None)(p, rng)
+    chosen = {"invented": _invented, "repeated": _repeated}.get(kind, lambda *_: None)(p, rng, cfg)
     if chosen is not None:
         return trace(chosen)
     chosen = _wrong_subset(p, rng)
