@@ -75,7 +75,15 @@ def main() -> None:
         print(f"{'PASS' if ok else 'FAIL'}  {name}")
     path = out / "rlv_effect.json"
     path.write_text(json.dumps(result, indent=2))
+    print(headline(rlv, base))
     print(path)
+
+
+def headline(rlv, base):
+    """RL^V's verifier-weighted vote against the baseline of the same run: base GRPO's best vote."""
+    best_base = max(base["majority@16"], base["weighted@16"])
+    return (f"rlv_effect: weighted@16 {rlv['weighted@16']:.3f} (majority@16 {rlv['majority@16']:.3f}), "
+            f"x{rlv['weighted@16'] / best_base:.2f} vs base GRPO's best vote@16 {best_base:.3f}")
 
 
 if __name__ == "__main__":
