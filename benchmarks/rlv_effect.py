@@ -21,7 +21,7 @@ KEYS = ("pass@1", "pass@16", "majority@16", "weighted@16", "best_of@16", "weight
 
 
 def run(out: Path, *overrides: str) -> dict:
-    cmd = [sys.executable, str(RECIPE), f"train.out_dir={out}", *overrides]
+    cmd = [sys.executable, str(RECIPE), f"train.out_dir={out}", "train.resume=false", *overrides]
     print("$", " ".join(cmd[1:]), flush=True)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)

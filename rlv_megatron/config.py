@@ -16,6 +16,8 @@ class ParallelConfig:
     pp: int = 1
     vpp: Optional[int] = None  # virtual pipeline stages per rank (interleaved schedule)
     sequence_parallel: bool = False
+    distributed_optimizer: bool = True  # shard optimizer states (and the fp32 master weights) over DP
+    recompute: str = "none"  # none | selective (attention core) | full (each layer's input only)
 
 
 @dataclass
@@ -108,6 +110,7 @@ class OptimConfig:
     weight_decay: float = 0.0
     beta1: float = 0.9
     beta2: float = 0.95
+    eps: float = 1e-8
     grad_clip: float = 1.0
 
 
@@ -137,7 +140,14 @@ class TrainConfig:
     seed: int = 0
     out_dir: str = "runs/rlv"
     eval_every: int = 0  # 0: only at the end
-    save_every: int = 0
+    save_every: int = 0  # checkpoint every N RL steps (and always after the last)
+    keep_checkpoints: int = 2
+    resume: bool = True  # continue from out_dir/checkpoints/latest when there is one
+    micro_batch_tokens: int = 4096  # token budget of one micro-batch (dynamic batch size)
+    pack: bool = True  # pack sequences end to end into rows (little padding); false: one per row
+    # packed row length; attention within a row costs O(row^2) under the local spec's mask (CPU): keep it a
+    # few sequences long there; 0 = one row per micro-batch (for varlen attention)
+    pack_row_tokens: int = 256
 
 
 @dataclass
@@ -159,6 +169,7 @@ _CHOICES = {
     "model.params_dtype": ("float32", "bfloat16"),
     "model.fp8": (None, "e4m3", "hybrid"),
     "model.fp8_recipe": ("delayed", "tensorwise", "mxfp8", "blockwise"),
+    "parallel.recompute": ("none", "selective", "full"),
     "rollout.dtype": ("float32", "bfloat16", "float16"),
     "rollout.transport": ("auto", "shm", "cuda_ipc"),
     "rollout.logprobs_mode": ("processed_logprobs", "raw_logprobs"),
@@ -185,7 +196,7 @@ def validate(cfg: Config, arch=None) -> None:
     for name in ("parallel.tp", "parallel.pp", "rollout.tensor_parallel_size", "rollout.weight_bucket_mb",
                  "rollout.max_model_len", "model.make_vocab_size_divisible_by", "algo.group_size",
                  "algo.prompts_per_step", "algo.max_tokens", "algo.ppo_epochs", "algo.ppo_minibatches",
-                 "eval.samples"):
+                 "eval.samples", "train.micro_batch_tokens"):
         if int(_get(cfg, name)) < 1:
             raise ConfigError(f"{name}={_get(cfg, name)}: must be >= 1")
     p = cfg.parallel

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from collections import defaultdict
 
 
 class Metrics:
-    def __init__(self, logdir: str | None):
+    def __init__(self, logdir: str | None, jsonl: str | None = None):
+        """TensorBoard scalars under `logdir`; also one JSON line per log call appended to `jsonl`."""
+        self.jsonl = jsonl
         self.writer = None
         if logdir is not None:
             from torch.utils.tensorboard import SummaryWriter
@@ -34,6 +37,9 @@ class Metrics:
                     self.writer.add_scalar(k, v, step)
             self.writer.flush()
         self.history.append({"step": step, **values})
+        if self.jsonl is not None:
+            with open(self.jsonl, "a") as f:
+                f.write(json.dumps({"step": step, **values}) + "\n")
         return values
 
     def close(self) -> None:

@@ -1,4 +1,5 @@
-"""The trainable policy: a megatron-core GPTModel, its optimizer, and its HF-format views for the engine."""
+"""The trainable policy: megatron-core GPTModel chunks under megatron DDP, megatron's (distributed) optimizer,
+the train step through the pipeline schedules, and HF-format views of the weights for the engine."""
 
 from __future__ import annotations
 
@@ -6,15 +7,20 @@ from pathlib import Path
 
 import torch
 
-from rlv_megatron.config import ConfigError, Config
+from rlv_megatron.config import Config, ConfigError
 from rlv_megatron.models.builder import build_model, padded_vocab_size
 from rlv_megatron.models.convert import iter_hf_tensors
 from rlv_megatron.models.hf_config import ModelArch, load_arch
 from rlv_megatron.models.hf_io import export_hf, load_hf_weights
+from rlv_megatron.train.packing import micro_batches
+from rlv_megatron.train.step import Groups, Objective, reduce_stats, run_schedule
+from rlv_megatron.verifier import SequenceBatch
 
 
 class Policy:
     def __init__(self, cfg: Config, arch: ModelArch | None = None):
+        from megatron.core import parallel_state as ps
+
         from rlv_megatron.config import validate
         from rlv_megatron.dist import init_megatron
 
@@ -23,42 +29,95 @@ class Policy:
                 raise ConfigError("model.path: a Hugging Face model directory is required (or pass an arch)")
             arch = load_arch(cfg.model.path)
         validate(cfg, arch)
-        if cfg.parallel.tp * cfg.parallel.pp > 1:
-            raise ConfigError("parallel.tp/pp > 1: the RL^V trainer runs on one model-parallel rank until the "
-                              "parallel trainer lands (issue #4); conversion and sync already support TP/PP")
         init_megatron(cfg.parallel, seed=cfg.model.seed)
         self.cfg, self.arch = cfg, arch
-        self.chunks = build_model(arch, cfg.parallel, cfg.model)
-        self.model = self.chunks[0]
+        self.model_chunks = build_model(arch, cfg.parallel, cfg.model)
         if cfg.model.path is not None:
-            load_hf_weights(self.chunks, cfg.model.path, arch,
-                            padded_vocab_size(arch.vocab_size, cfg.model.make_vocab_size_divisible_by, 1))
+            load_hf_weights(self.model_chunks, cfg.model.path, arch,
+                            padded_vocab_size(arch.vocab_size, cfg.model.make_vocab_size_divisible_by,
+                                              cfg.parallel.tp))
         self.vocab = arch.vocab_size
-        self.optimizer = self.make_optimizer(cfg.optim.lr)
-        self.reference = None  # frozen copy for the KL term; see freeze_reference
+        self.groups = Groups.current(cfg.parallel.sequence_parallel)
+        self.tp_group = ps.get_tensor_model_parallel_group()
+        self.chunks = self._wrap_ddp(self.model_chunks)
+        self.optimizer = self._make_optimizer(cfg.optim.lr)
+        self.reference = None  # frozen chunks for the KL term; see freeze_reference
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The first (unwrapped) chunk: the whole model when PP = 1."""
+        return self.model_chunks[0]
+
+    def _wrap_ddp(self, chunks):
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+        ddp = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                            use_distributed_optimizer=self.cfg.parallel.distributed_optimizer)
+        wrapped = [DistributedDataParallel(c.config, ddp, c, disable_bucketing=i > 0)
+                   for i, c in enumerate(chunks)]
+        config = chunks[0].config
+        from megatron.core.distributed import finalize_model_grads
+
+        config.finalize_model_grads_func = finalize_model_grads
+        config.no_sync_func = [w.no_sync for w in wrapped] if len(wrapped) > 1 else wrapped[0].no_sync
+        return wrapped
+
+    def _make_optimizer(self, lr: float):
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+        o = self.cfg.optim
+        bf16 = self.cfg.model.params_dtype == "bfloat16"
+        oc = OptimizerConfig(optimizer="adam", lr=lr, min_lr=0.0, weight_decay=o.weight_decay,
+                             adam_beta1=o.beta1, adam_beta2=o.beta2, adam_eps=o.eps, clip_grad=o.grad_clip, bf16=bf16,
+                             params_dtype=torch.bfloat16 if bf16 else torch.float32,
+                             use_distributed_optimizer=self.cfg.parallel.distributed_optimizer)
+        opt = get_megatron_optimizer(oc, self.chunks)
+        self.chunks[0].config.grad_scale_func = opt.scale_loss
+        return opt
+
+    def reset_optimizer(self, lr: float) -> None:
+        """Fresh optimizer states (RL after the warm start)."""
+        self.optimizer = self._make_optimizer(lr)
+
+    def set_lr(self, lr: float) -> None:
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+
+    def train_step(self, batch: SequenceBatch, objective: Objective) -> dict[str, float]:
+        """One optimizer step on `batch` (this data-parallel rank's share); returns the mini-batch's summed
+        statistics and the grad norm before clipping."""
+        from megatron.core import parallel_state as ps
+
+        mbs = micro_batches(batch, objective.fields, self.cfg.train, self.groups.seq_multiple)
+        scale = len(mbs) * ps.get_data_parallel_world_size()  # undo megatron's mean over both
+
+        def on_logits(logits, mb):
+            loss, stats = objective.loss(logits, mb)
+            return loss * scale, stats
+
+        for c in self.chunks:
+            c.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        out = run_schedule(self.chunks, mbs, on_logits, forward_only=False)
+        ok, grad_norm, _ = self.optimizer.step()
+        if not ok:
+            raise FloatingPointError("optimizer step skipped: non-finite gradients")
+        stats = reduce_stats(out, objective.stats, self.groups.dp, self.groups.pp)
+        stats["grad_norm"] = float(grad_norm)
+        stats["train/micro_batches"] = float(len(mbs))
+        return stats
 
     def freeze_reference(self) -> None:
         """Snapshot the current weights as the KL reference (after the warm start; only when kl_beta > 0)."""
         # a second build, not deepcopy: megatron modules hold process groups, which cannot be copied
-        self.reference = build_model(self.arch, self.cfg.parallel, self.cfg.model)[0].eval()
-        self.reference.load_state_dict(self.model.state_dict())
-        for p in self.reference.parameters():
-            p.requires_grad_(False)
-
-    def make_optimizer(self, lr: float) -> torch.optim.Optimizer:
-        o = self.cfg.optim
-        return torch.optim.AdamW(self.model.parameters(), lr=lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay)
-
-    def step(self, loss: torch.Tensor) -> float:
-        """Backward, clip, update; returns the grad norm before clipping."""
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
-        self.optimizer.step()
-        return float(norm)
+        self.reference = build_model(self.arch, self.cfg.parallel, self.cfg.model)
+        for ref, cur in zip(self.reference, self.model_chunks):
+            ref.load_state_dict(cur.state_dict())
+            ref.eval().requires_grad_(False)
 
     def hf_tensors(self):
-        return iter_hf_tensors(self.chunks, self.arch)
+        """HF-named full tensors of this rank's pipeline stage(s) (TP shards gathered: collective over TP)."""
+        return iter_hf_tensors(self.model_chunks, self.arch, self.tp_group)
 
     def export(self, out_dir: str | Path, tokenizer=None, dtype=torch.float32) -> Path:
         import tempfile
@@ -66,5 +125,5 @@ class Policy:
         with tempfile.TemporaryDirectory() as tok_dir:
             if tokenizer is not None:
                 tokenizer.save_pretrained(tok_dir)
-            return export_hf(self.chunks, self.arch, out_dir, dtype=dtype,
+            return export_hf(self.model_chunks, self.arch, out_dir, dtype=dtype,
                              tokenizer_from=tok_dir if tokenizer is not None else None)

@@ -29,6 +29,7 @@ def run(cfg: Config) -> Path:
     from rlv_megatron.rollout.engine import make_engine
     from rlv_megatron.tasks.chat import ChatFormat
     from rlv_megatron.tasks.registry import make_task
+    from rlv_megatron.train import checkpoint
     from rlv_megatron.train.loop import run_eval, train
     from rlv_megatron.train.sft import warm_start
     from rlv_megatron import report
@@ -46,19 +47,25 @@ def run(cfg: Config) -> Path:
     fmt = ChatFormat(task.tokenizer, cfg.verifier.question, two_way=cfg.verifier.loss == "yes_no")
     arch = None if cfg.model.path else scratch_arch(cfg, len(task.tokenizer), task.tokenizer)
     policy = Policy(cfg, arch)
-    metrics = Metrics(str(out / "tb"))
+    metrics = Metrics(str(out / "tb"), str(out / "metrics.jsonl"))
     results: dict = {}
-    if cfg.sft.steps > 0:
+    resume = checkpoint.latest(out / "checkpoints") if cfg.train.resume else None
+    start_step = 0
+    if resume is not None:
+        if cfg.algo.kl_beta > 0:
+            policy.freeze_reference()  # the structure; its weights come from the checkpoint
+        start_step = checkpoint.load(policy, resume)["step"]
+        print(f"resuming from {resume} (RL step {start_step})", flush=True)
+    elif cfg.sft.steps > 0:
         with metrics.timer("sft"):
             results["sft"] = warm_start(policy, task, fmt, cfg, metrics)
-        policy.optimizer = policy.make_optimizer(cfg.optim.lr)
-    if cfg.algo.kl_beta > 0:
+    if cfg.algo.kl_beta > 0 and policy.reference is None:
         policy.freeze_reference()
     engine = make_engine("vllm", str(policy.export(out / "start", task.tokenizer)), cfg.rollout)
     try:
         if cfg.eval.before_rl:
             results["before_rl"] = run_eval(-1, engine, task, fmt, cfg, metrics)
-        results["during_rl"] = train(policy, engine, task, fmt, cfg, metrics, out)
+        results["during_rl"] = train(policy, engine, task, fmt, cfg, metrics, out, start_step)
         with metrics.timer("eval"):
             final, pool = evaluate(engine, fmt, task, task.eval, cfg.eval, cfg.algo.max_tokens)
         metrics.log(cfg.train.steps, {f"eval/{k}": v for k, v in final.items()})

@@ -38,13 +38,12 @@ def run_distributed(fn, world_size, *args):
             pass
         except mp.ProcessExitedException:
             pass  # the rank's own report below says why
-        results = []
-        for rank in range(world_size):
-            path = Path(out_dir, f"{rank}.pkl")
-            if not path.exists():
+        reports = [pickle.loads(p.read_bytes()) if (p := Path(out_dir, f"{r}.pkl")).exists() else None
+                   for r in range(world_size)]
+        for rank, rep in enumerate(reports):  # a rank's own error first: the others were killed because of it
+            if rep is not None and rep[1]:
+                raise RuntimeError(f"rank {rank} failed:\n{rep[1]}")
+        for rank, rep in enumerate(reports):
+            if rep is None:
                 raise RuntimeError(f"rank {rank} died without a result")
-            value, err = pickle.loads(path.read_bytes())
-            if err:
-                raise RuntimeError(f"rank {rank} failed:\n{err}")
-            results.append(value)
-        return results
+        return [rep[0] for rep in reports]

@@ -97,16 +97,14 @@ def test_yes_score_raw_or_renormalised_over_yes_and_no():
     assert yes_score(0.0, 0.0) == 0.0  # neither in the engine's top-k
 
 
-def test_two_way_score_equals_yes_score_of_the_softmax(monkeypatch):
-    from rlv_megatron.train import step
+def test_two_way_score_equals_yes_score_of_the_softmax():
+    from rlv_megatron.train.step import yes_score_from_logprobs
     from rlv_megatron.verifier import yes_score
 
     logits = torch.tensor([[2.0, 0.5, -1.0, 3.0], [0.0, 1.0, 4.0, -2.0]])
-    fake = step.Forward(logp=torch.zeros(2, 1), answer_logits=logits, entropy=torch.tensor(0.0))
-    monkeypatch.setattr(step, "forward", lambda *a, **k: fake)  # score() on given answer logits
-    probs = torch.softmax(logits, -1)
-    _, raw = step.score(None, None, 4, 1.0, yes_id=1)
-    _, two = step.score(None, None, 4, 1.0, yes_id=1, no_id=2)
-    assert torch.allclose(raw, probs[:, 1])
+    lp = torch.log_softmax(logits, -1)
+    probs = lp.exp()
+    assert torch.allclose(yes_score_from_logprobs(lp[:, 1]), probs[:, 1])
+    two = yes_score_from_logprobs(lp[:, 1], lp[:, 2])
     for i in range(2):
         assert two[i].item() == pytest.approx(yes_score(probs[i, 1].item(), probs[i, 2].item()), rel=1e-6)

@@ -12,7 +12,10 @@ from rlv_megatron.models import cpu_compat
 @pytest.mark.parametrize("module,attr", cpu_compat.PATCHED_INTERNALS)
 def test_patched_internal_exists(module, attr):
     # A megatron-core upgrade that renames one of these would make the patch silently not apply.
-    assert hasattr(importlib.import_module(module), attr), f"{module}.{attr} is gone: revisit cpu_compat.py"
+    obj = importlib.import_module(module)
+    for part in attr.split("."):
+        assert hasattr(obj, part), f"{module}.{attr} is gone: revisit cpu_compat.py"
+        obj = getattr(obj, part)
 
 
 _PROBE = r"""

@@ -11,8 +11,6 @@ pytestmark = pytest.mark.slow
 
 
 def _two_steps(out_dir):
-    import random
-
     from rlv_megatron.config import Config
     from rlv_megatron.metrics import Metrics
     from rlv_megatron.policy import Policy
@@ -45,7 +43,7 @@ def _two_steps(out_dir):
         before = {n: p.detach().clone() for n, p in policy.model.named_parameters()}
         engine_before = torch.tensor(engine.prompt_logprobs([seq])[0])
         metrics = Metrics(None)
-        steps = [rl_step(s, policy, engine, task, fmt, cfg, metrics, random.Random(0)) for s in range(2)]
+        steps = [rl_step(s, policy, engine, task, fmt, cfg, metrics) for s in range(2)]
         moved = max((p.detach() - before[n]).abs().max().item() for n, p in policy.model.named_parameters())
         engine_after = torch.tensor(engine.prompt_logprobs([seq])[0])
         return {"steps": steps, "moved": moved, "engine_change": (engine_after - engine_before).abs().max().item(),

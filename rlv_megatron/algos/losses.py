@@ -7,7 +7,8 @@
     kl_t         = exp(ref_t - logp_t) - (ref_t - logp_t) - 1                          (k3, coefficient beta)
     verifier     = CE(answer token | prompt, solution, question): full vocabulary, or two-way Yes/No
 Aggregation over the mask: token_mean (all tokens of the batch equal), seq_mean (each sequence equal),
-constant (Dr.GRPO: sum / (num_sequences * a fixed length), no length normalisation).
+constant (Dr.GRPO: sum / (num_sequences * a fixed length), no length normalisation). Each is a per-token
+weight computed once for the whole mini-batch, so micro-batches and data-parallel ranks just sum.
 """
 
 from __future__ import annotations
@@ -22,28 +23,73 @@ AGGREGATIONS = Registry("algo.loss_agg")
 register_aggregation = AGGREGATIONS.register
 
 
+@dataclass
+class Totals:
+    """Counts over the whole mini-batch (all micro-batches and data-parallel ranks) that normalise a loss, so
+    that summing weighted per-token values over the pieces gives exactly the mini-batch's loss."""
+    tokens: float  # masked tokens
+    sequences: float  # all sequences
+    sequences_with_tokens: float
+
+    @staticmethod
+    def of(mask: torch.Tensor, dp_group=None) -> "Totals":
+        t = torch.tensor([mask.sum(), mask.shape[0], (mask.sum(-1) > 0).sum()], dtype=torch.float64)
+        if dp_group is not None and torch.distributed.get_world_size(dp_group) > 1:
+            torch.distributed.all_reduce(t, group=dp_group)
+        return Totals(*t.tolist())
+
+
 @register_aggregation("token_mean")
-def token_mean(values: torch.Tensor, mask: torch.Tensor, constant: int | None = None) -> torch.Tensor:
-    return (values * mask).sum() / mask.sum().clamp(min=1)
+def token_mean_weights(mask: torch.Tensor, totals: Totals, constant: int | None = None) -> torch.Tensor:
+    return mask / max(totals.tokens, 1.0)
 
 
 @register_aggregation("seq_mean")
-def seq_mean(values: torch.Tensor, mask: torch.Tensor, constant: int | None = None) -> torch.Tensor:
-    lengths = mask.sum(-1)
-    per_seq = (values * mask).sum(-1) / lengths.clamp(min=1)
-    has = (lengths > 0).to(values.dtype)
-    return (per_seq * has).sum() / has.sum().clamp(min=1)
+def seq_mean_weights(mask: torch.Tensor, totals: Totals, constant: int | None = None) -> torch.Tensor:
+    return mask / mask.sum(-1, keepdim=True).clamp(min=1) / max(totals.sequences_with_tokens, 1.0)
 
 
 @register_aggregation("constant")
-def constant_norm(values: torch.Tensor, mask: torch.Tensor, constant: int | None = None) -> torch.Tensor:
+def constant_weights(mask: torch.Tensor, totals: Totals, constant: int | None = None) -> torch.Tensor:
     if constant is None:
         raise ValueError("algo.loss_agg=constant needs a constant length (the generation max_tokens)")
-    return (values * mask).sum() / (mask.shape[0] * constant)
+    return mask / (max(totals.sequences, 1.0) * constant)
+
+
+def aggregation_weights(name: str, mask: torch.Tensor, totals: Totals | None = None, constant=None) -> torch.Tensor:
+    """Per-token weights w [B, T] with loss = sum(values * w); `totals` default to this mask's own."""
+    m = mask.float()
+    return AGGREGATIONS.lookup(name)(m, totals or Totals.of(m), constant)
 
 
 def aggregate(name: str, values, mask, constant=None) -> torch.Tensor:
-    return AGGREGATIONS.lookup(name)(values, mask.to(values.dtype), constant)
+    return (values * aggregation_weights(name, mask, None, constant).to(values.dtype)).sum()
+
+
+@dataclass
+class PPOTerms:
+    loss: torch.Tensor  # per token, to be weighted by the aggregation
+    clipped: torch.Tensor  # per token, 1.0 where the clipped branch was taken
+    ratio: torch.Tensor
+    kl: torch.Tensor  # per token k3 (0 without a reference)
+
+
+def ppo_terms(logp, old_logp, advantages, clip_low=0.2, clip_high=0.2, rollout_logp=None, tis_cap=None,
+              ref_logp=None, kl_beta=0.0) -> PPOTerms:
+    """PPO-clip per token; `advantages` is [B] (broadcast over tokens) or per token, like logp."""
+    adv = advantages if advantages.dim() == logp.dim() else advantages[:, None].expand_as(logp)
+    ratio = torch.exp(logp - old_logp)
+    unclipped = ratio * adv
+    clipped = ratio.clamp(1 - clip_low, 1 + clip_high) * adv
+    per_token = -torch.minimum(unclipped, clipped)
+    if tis_cap is not None and rollout_logp is not None:
+        per_token = per_token * torch.exp(old_logp - rollout_logp).clamp(max=tis_cap).detach()
+    kl_t = torch.zeros_like(logp)
+    if kl_beta and ref_logp is not None:
+        d = ref_logp - logp
+        kl_t = torch.exp(d) - d - 1
+        per_token = per_token + kl_beta * kl_t
+    return PPOTerms(per_token, (clipped < unclipped).to(logp.dtype).detach(), ratio.detach(), kl_t.detach())
 
 
 @dataclass
@@ -56,37 +102,26 @@ class PolicyLossOut:
 
 def policy_loss(logp, old_logp, advantages, mask, clip_low=0.2, clip_high=0.2, agg="token_mean",
                 agg_constant=None, rollout_logp=None, tis_cap=None, ref_logp=None, kl_beta=0.0) -> PolicyLossOut:
-    """PPO-clip per token; `advantages` is [B] (broadcast over tokens) or [B, T]."""
-    adv = advantages if advantages.dim() == 2 else advantages[:, None].expand_as(logp)
-    ratio = torch.exp(logp - old_logp)
-    unclipped = ratio * adv
-    clipped = ratio.clamp(1 - clip_low, 1 + clip_high) * adv
-    per_token = -torch.minimum(unclipped, clipped)
-    if tis_cap is not None and rollout_logp is not None:
-        per_token = per_token * torch.exp(old_logp - rollout_logp).clamp(max=tis_cap).detach()
-    kl = torch.zeros((), dtype=logp.dtype)
-    if kl_beta and ref_logp is not None:
-        d = ref_logp - logp
-        kl_t = torch.exp(d) - d - 1
-        per_token = per_token + kl_beta * kl_t
-        kl = token_mean(kl_t.detach(), mask.to(logp.dtype))
-    m = mask.to(logp.dtype)
-    with torch.no_grad():
-        clip_frac = token_mean((clipped < unclipped).to(logp.dtype), m)
-        ratio_mean = token_mean(ratio, m)
-    return PolicyLossOut(aggregate(agg, per_token, mask, agg_constant), clip_frac, kl, ratio_mean)
+    """`ppo_terms` aggregated over one whole batch [B, T] (the trainer weights micro-batches instead)."""
+    t = ppo_terms(logp, old_logp, advantages, clip_low, clip_high, rollout_logp, tis_cap, ref_logp, kl_beta)
+    return PolicyLossOut(aggregate(agg, t.loss, mask, agg_constant), aggregate("token_mean", t.clipped, mask),
+                         aggregate("token_mean", t.kl, mask), aggregate("token_mean", t.ratio, mask))
+
+
+def verifier_ce(lp_label: torch.Tensor, lp_yes: torch.Tensor, lp_no: torch.Tensor, mode: str = "full"):
+    """Per-example CE of the Yes/No label from full-vocabulary log-probs at the answer position:
+    full: -log p(label); yes_no: the two-way CE, -log p(label) / (p(Yes) + p(No))."""
+    if mode == "full":
+        return -lp_label
+    if mode == "yes_no":
+        return torch.logaddexp(lp_yes, lp_no) - lp_label
+    raise ValueError(f"verifier.loss={mode!r}: must be full or yes_no")
 
 
 def verifier_loss(answer_logits: torch.Tensor, labels: torch.Tensor, yes_id: int, no_id: int, mode: str = "full",
                   weight: torch.Tensor | None = None) -> torch.Tensor:
-    """CE at the verification answer position. answer_logits [N, V]; labels [N] in {yes_id, no_id};
-    weight [N] selects which examples count (class balancing). mode: full | yes_no."""
-    if mode == "full":
-        per = torch.nn.functional.cross_entropy(answer_logits.float(), labels, reduction="none")
-    elif mode == "yes_no":
-        two = answer_logits[:, [yes_id, no_id]].float()
-        per = torch.nn.functional.cross_entropy(two, (labels == no_id).long(), reduction="none")
-    else:
-        raise ValueError(f"verifier.loss={mode!r}: must be full or yes_no")
+    """Weighted mean of `verifier_ce` from full logits [N, V] (reference form; labels in {yes_id, no_id})."""
+    lp = torch.log_softmax(answer_logits.float(), -1)
+    per = verifier_ce(lp.gather(-1, labels[:, None])[:, 0], lp[:, yes_id], lp[:, no_id], mode)
     w = torch.ones_like(per) if weight is None else weight.to(per.dtype)
     return (per * w).sum() / w.sum().clamp(min=1)

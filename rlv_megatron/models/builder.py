@@ -44,6 +44,11 @@ def transformer_config(arch: ModelArch, par: ParallelConfig, model_cfg: ModelCon
                    fp8_amax_history_len=model_cfg.fp8_amax_history_len,
                    fp8_amax_compute_algo=model_cfg.fp8_amax_compute_algo)
     on_gpu = torch.cuda.is_available()
+    recompute = {}
+    if par.recompute == "full":
+        recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    elif par.recompute == "selective":
+        recompute = dict(recompute_granularity="selective")
     return TransformerConfig(
         num_layers=arch.num_layers,
         hidden_size=arch.hidden_size,
@@ -79,6 +84,7 @@ def transformer_config(arch: ModelArch, par: ParallelConfig, model_cfg: ModelCon
         # gloo point-to-point: batched p2p with PP=2 pairs prev/next as the same peer (silently wrong loss)
         batch_p2p_comm=on_gpu,
         **fp8,
+        **recompute,
     )
 
 

@@ -28,6 +28,8 @@ PATCHED_INTERNALS = [
     ("torch.cuda", "get_rng_state"),
     ("torch.cuda", "set_rng_state"),
     ("torch.cuda", "manual_seed"),
+    ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer._set_main_param_and_optimizer_states"),
+    ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer.load_state_dict"),
 ]
 
 _applied = False
@@ -120,6 +122,34 @@ def _sequence_parallel_norm(base_norm):
     return SequenceParallelTorchNorm
 
 
+def _torch_adam_state_loader(original):
+    """Without apex/TE the distributed optimizer wraps torch's Adam, whose per-parameter state has a "step";
+    loading a fully_reshardable checkpoint hands over every state but "step" (restored separately by
+    load_state_dict) and then copies every key of the destination: KeyError 'step'. Copy what was given."""
+    def set_states(self, model_param, tensors):
+        if self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+            return original(self, model_param, tensors)
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+        dst = {"param": main_param, **self.optimizer.state[main_param]}
+        for key, value in tensors.items():
+            dst[key].copy_(value)
+
+    return set_states
+
+
+def _unshared_adam_steps(original):
+    """The same path gives every parameter's state one shared "step" tensor, which torch's Adam then
+    increments in place once per parameter: after a resume the bias corrections drift. One copy each."""
+    def load_state_dict(self, state_dict):
+        original(self, state_dict)
+        for state in self.optimizer.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
+
+    return load_state_dict
+
+
 def apply() -> None:
     """Install all CPU patches (idempotent). Call after init_process_group, before building a model."""
     global _applied, _mode
@@ -135,6 +165,13 @@ def apply() -> None:
     mrandom._get_cuda_rng_state = _cpu_get_rng_state
     mrandom._set_cuda_rng_state = _cpu_set_rng_state
     mrandom.initialize_rng_tracker(force_reset=True)
+
+    from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE, DistributedOptimizer
+
+    if not HAVE_APEX_OR_TE:
+        DistributedOptimizer._set_main_param_and_optimizer_states = _torch_adam_state_loader(
+            DistributedOptimizer._set_main_param_and_optimizer_states)
+        DistributedOptimizer.load_state_dict = _unshared_adam_steps(DistributedOptimizer.load_state_dict)
 
     torch_norm_cls = torch_norm.WrappedTorchNorm
     sp_norm = _sequence_parallel_norm(torch_norm_cls)

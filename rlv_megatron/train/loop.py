@@ -12,7 +12,8 @@ from tqdm import tqdm
 from rlv_megatron.algos.advantages import compute_advantages, informative_groups
 from rlv_megatron.evaluate import evaluate
 from rlv_megatron.metrics import verifier_quality
-from rlv_megatron.train.step import rlv_loss, score
+from rlv_megatron.train import checkpoint
+from rlv_megatron.train.step import rl_objective, score
 from rlv_megatron.verifier import build_sequences, verifier_selection
 
 
@@ -21,8 +22,9 @@ def rollout_seed(seed: int, step: int, prompt: int) -> int:
     return (seed * 1_000_003 + step * 10_007 + prompt) % (1 << 31)
 
 
-def rl_step(step, policy, engine, task, fmt, cfg, metrics, rng) -> dict:
+def rl_step(step, policy, engine, task, fmt, cfg, metrics) -> dict:
     a = cfg.algo
+    rng = random.Random(rollout_seed(cfg.train.seed, step, -2))  # verifier example selection
     with metrics.timer("rollout"):
         problems = task.sample_train(a.prompts_per_step, seed=rollout_seed(cfg.train.seed, step, 0))
         prompts = [fmt.prompt_ids(p.prompt) for p in problems]
@@ -40,19 +42,21 @@ def rl_step(step, policy, engine, task, fmt, cfg, metrics, rng) -> dict:
                             adv.tolist(), verifier_selection(rewards, cfg.verifier.examples, rng),
                             task.tokenizer.pad_token_id, rollout_logps=[s.logprobs for _, s in flat])
     with metrics.timer("train"):
-        old_logp, p_yes = score(policy.model, batch, policy.vocab, a.temperature, fmt.yes_id, fmt.score_no_id)
+        old_logp, p_yes = score(policy.chunks, batch, policy.vocab, a.temperature, fmt.yes_id, fmt.score_no_id,
+                                cfg.train, policy.groups)
         ref_logp = None if policy.reference is None else \
-            score(policy.reference, batch, policy.vocab, a.temperature, fmt.yes_id)[0]
+            score(policy.reference, batch, policy.vocab, a.temperature, fmt.yes_id, None, cfg.train, policy.groups)[0]
         keep = informative_groups(r, group_ids) if a.filter_equal_reward_groups else torch.ones_like(r, dtype=bool)
         # all-equal groups carry no policy gradient but still teach the verifier
         batch.policy_mask &= keep[:, None]
         train_stats = {}
+        order = torch.Generator().manual_seed(rollout_seed(cfg.train.seed, step, -1))  # same on every rank
         for _ in range(a.ppo_epochs):
-            for idx in torch.randperm(len(batch)).chunk(a.ppo_minibatches):
-                loss, train_stats = rlv_loss(policy.model, batch.select(idx), old_logp[idx], policy.vocab, a,
-                                             cfg.verifier, fmt.yes_id, fmt.no_id,
-                                             None if ref_logp is None else ref_logp[idx])
-                train_stats["grad_norm"] = policy.step(loss)
+            for idx in torch.randperm(len(batch), generator=order).chunk(a.ppo_minibatches):
+                sub = batch.select(idx)
+                train_stats = policy.train_step(sub, rl_objective(
+                    sub, old_logp[idx], a, cfg.verifier, policy.vocab, fmt.yes_id, fmt.no_id,
+                    None if ref_logp is None else ref_logp[idx], policy.groups.dp))
     with metrics.timer("sync"):
         sync = engine.update_weights(policy.hf_tensors())
     m = batch.response_mask
@@ -68,11 +72,13 @@ def rl_step(step, policy, engine, task, fmt, cfg, metrics, rng) -> dict:
             **verifier_quality(p_yes.tolist(), [x >= 1.0 for x in rewards], group_ids.tolist())}
 
 
-def train(policy, engine, task, fmt, cfg, metrics, out_dir: Path) -> list[dict]:
-    rng = random.Random(cfg.train.seed)
+def train(policy, engine, task, fmt, cfg, metrics, out_dir: Path, start_step: int = 0) -> list[dict]:
+    """RL steps start_step..train.steps-1; every step is a function of (seed, step, weights, optimizer), so
+    a run resumed from the checkpoint after step k repeats the uninterrupted run exactly."""
     evals = []
-    for step in tqdm(range(cfg.train.steps), desc="rl", mininterval=5):
-        values = rl_step(step, policy, engine, task, fmt, cfg, metrics, rng)
+    for step in tqdm(range(start_step, cfg.train.steps), desc="rl", mininterval=5,
+                     initial=start_step, total=cfg.train.steps):
+        values = rl_step(step, policy, engine, task, fmt, cfg, metrics)
         phases = sum(v for k, v in metrics.times.items())
         values["throughput/tokens_per_s"] = values["throughput/rollout_tokens"] / max(phases, 1e-9)
         metrics.log(step, values)
@@ -80,6 +86,8 @@ def train(policy, engine, task, fmt, cfg, metrics, out_dir: Path) -> list[dict]:
         if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and not last:
             evals.append(run_eval(step, engine, task, fmt, cfg, metrics))
         if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0 or last:
+            checkpoint.save(policy, out_dir / "checkpoints", step + 1, {"phase": "rl"}, cfg.train.keep_checkpoints)
+        if last:
             policy.export(out_dir / "model", task.tokenizer)
     return evals
 

@@ -8,7 +8,7 @@ import random
 
 from tqdm import tqdm
 
-from rlv_megatron.train.step import sft_loss
+from rlv_megatron.train.step import sft_objective
 from rlv_megatron.verifier import build_sequences
 
 
@@ -19,8 +19,7 @@ def warm_start(policy, task, fmt, cfg, metrics=None) -> dict:
     tok = task.tokenizer
     last = {}
     for step in tqdm(range(cfg.sft.steps), desc="sft", mininterval=5):
-        for g in policy.optimizer.param_groups:
-            g["lr"] = sft_lr(step, cfg.sft)
+        policy.set_lr(sft_lr(step, cfg.sft))
         problems = task.sample_train(cfg.sft.batch_size, seed=rng.randrange(1 << 30))
         good, bad = task.sft_pairs(problems, rng)
         pairs = good + (bad if cfg.sft.verify else [])
@@ -30,12 +29,11 @@ def warm_start(policy, task, fmt, cfg, metrics=None) -> dict:
         batch = build_sequences(fmt, prompts, responses, rewards=[1.0] * n_good + [0.0] * (len(pairs) - n_good),
                                 advantages=[0.0] * len(pairs), verify=[cfg.sft.verify] * len(pairs),
                                 pad_id=tok.pad_token_id, policy=[True] * n_good + [False] * (len(pairs) - n_good))
-        loss, last = sft_loss(policy.model, batch, policy.vocab, fmt.yes_id, fmt.no_id, cfg.verifier.loss)
-        policy.step(loss)
+        last = policy.train_step(batch, sft_objective(batch, policy.vocab, fmt.yes_id, fmt.no_id,
+                                                      cfg.verifier.loss, policy.groups.dp))
         if metrics is not None and step % 20 == 0:
             metrics.log(step, last)
-    for g in policy.optimizer.param_groups:
-        g["lr"] = cfg.optim.lr
+    policy.reset_optimizer(cfg.optim.lr)  # RL starts with fresh optimizer states at its own lr
     return last
 
 

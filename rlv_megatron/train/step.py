@@ -1,74 +1,204 @@
-"""Forward/backward of the policy on SequenceBatches: token log-probs, policy + lambda * verifier loss.
+"""The policy's forward/backward on micro-batches, through megatron-core's pipeline schedules at any TP/PP/DP.
 
-Single model-parallel rank for now (TP=PP=1): full-vocabulary logits are formed here. Vocab-parallel
-log-probs (no gathered logits) arrive with the parallel trainer and the fused kernel.
+Losses are computed from vocabulary-parallel logits (train/vocab_parallel.py) and written as per-token values
+times weights fixed for the whole mini-batch (algos/losses.py), so the loss of a mini-batch is the plain sum
+over its micro-batches and data-parallel ranks, whatever the split:
+
+    RL^V:  sum_t w_t * ppo_t  +  lambda * sum_i u_i * CE_i(Yes/No)     u_i = verify weight / its global sum
+    SFT:   sum_t w_t * (-logp_t)  +  sum_i u_i * CE_i
+
+Megatron divides each micro-batch's loss by the number of micro-batches and DDP averages over data-parallel
+ranks; `train_step` multiplies both back, so the gradient is that of the sum.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
+from types import SimpleNamespace
+from typing import Callable
 
 import torch
+import torch.distributed as dist
 
-from rlv_megatron.algos.losses import policy_loss, verifier_loss
-from rlv_megatron.config import AlgoConfig, VerifierConfig
+from rlv_megatron.algos.losses import Totals, aggregation_weights, ppo_terms, verifier_ce
+from rlv_megatron.train.packing import MicroBatch, micro_batches, scatter_back
+from rlv_megatron.train.vocab_parallel import entropy, target_logprobs
 from rlv_megatron.verifier import SequenceBatch
 
 
 @dataclass
-class Forward:
-    logp: torch.Tensor  # [B, L] log-prob of each target at the sampling temperature
-    answer_logits: torch.Tensor  # [B, V] logits at the verification answer position
-    entropy: torch.Tensor  # scalar, mean over policy tokens (no grad)
+class Objective:
+    """What a micro-batch's loss needs: the per-token fields to carry and the loss from logits."""
+    fields: dict[str, torch.Tensor]  # [B, L] per token
+    loss: Callable[[torch.Tensor, MicroBatch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+    stats: tuple[str, ...]  # keys of the summed statistics the loss reports
 
 
-def forward(model, batch: SequenceBatch, vocab: int, temperature: float) -> Forward:
-    tokens = batch.tokens
-    positions = torch.arange(tokens.shape[1]).expand_as(tokens)
-    logits = model(tokens, positions, None)[..., :vocab].float()  # drop the padded vocab rows
-    logprobs = torch.log_softmax(logits / temperature, -1)
-    logp = logprobs.gather(-1, batch.targets[..., None])[..., 0]
-    rows = torch.arange(len(batch))
-    answer_logits = logits[rows, batch.verify_pos]
-    with torch.no_grad():  # over every response token (the loss mask may drop filtered groups)
-        m = batch.response_mask
-        ent = -(logprobs.exp() * logprobs).sum(-1)
-        entropy = (ent * m).sum() / m.sum().clamp(min=1)
-    return Forward(logp, answer_logits, entropy)
+def _answer_logprobs(logits, mb, vocab, yes_id, no_id):
+    """Full-vocabulary log-probs of (label, Yes, No) at the verification answer positions, [n] each."""
+    at = mb.fields["answer"] > 0
+    z = logits[at]
+    ids = torch.tensor([yes_id, no_id])
+    lp = target_logprobs(z[:, None, :].expand(-1, 3, -1),
+                         torch.cat([mb.fields["target"][at].long()[:, None], ids.expand(len(z), 2)], 1), vocab)
+    return at, lp[:, 0], lp[:, 1], lp[:, 2]
 
 
-@torch.no_grad()
-def score(model, batch: SequenceBatch, vocab: int, temperature: float, yes_id: int, no_id: int | None = None):
-    """Before an update: the targets' log-probs (PPO's old policy) and the verifier score at every answer
-    position: P("Yes"), or renormalised over {Yes, No} when `no_id` is given (as verifier.yes_score)."""
-    f = forward(model, batch, vocab, temperature)
-    if no_id is None:
-        return f.logp, torch.softmax(f.answer_logits, -1)[:, yes_id]
-    return f.logp, torch.softmax(f.answer_logits[:, [yes_id, no_id]], -1)[:, 0]
+def _policy_logprobs(logits, mb, vocab, temperature):
+    z = logits if temperature == 1.0 else logits / temperature
+    return target_logprobs(z, mb.fields["target"].long(), vocab), z
 
 
-def rlv_loss(model, batch: SequenceBatch, old_logp: torch.Tensor, vocab: int, algo: AlgoConfig,
-             ver: VerifierConfig, yes_id: int, no_id: int, ref_logp: torch.Tensor | None = None):
-    """loss = PPO-clip(policy tokens) + lambda * CE(Yes/No); returns (loss, metrics dict of floats)."""
-    f = forward(model, batch, vocab, algo.temperature)
-    pol = policy_loss(f.logp, old_logp, batch.advantages, batch.policy_mask, algo.clip_low, algo.clip_high,
-                      algo.loss_agg, algo.max_tokens, batch.rollout_logp, algo.tis_cap, ref_logp, algo.kl_beta)
-    loss = pol.loss
-    metrics = {"loss/policy": pol.loss.item(), "policy/clip_fraction": pol.clip_fraction.item(),
-               "policy/ratio_mean": pol.ratio_mean.item(), "policy/entropy": f.entropy.item(),
-               "policy/kl_to_reference": pol.kl.item()}
-    v = verifier_loss(f.answer_logits, batch.verify_label, yes_id, no_id, ver.loss, batch.verify_weight)
-    metrics["loss/verifier"] = v.item()
-    if ver.lam > 0:
-        loss = loss + ver.lam * v
-    metrics["loss/total"] = loss.item()
-    return loss, metrics
+def base_fields(batch: SequenceBatch, dp_group=None) -> dict[str, torch.Tensor]:
+    answer = _answer_field(batch)
+    verify_w = torch.zeros_like(answer)
+    total = batch.verify_weight.sum()
+    if dp_group is not None and dist.get_world_size(dp_group) > 1:
+        dist.all_reduce(total, group=dp_group)
+    verify_w[torch.arange(len(batch)), batch.verify_pos] = batch.verify_weight / total.clamp(min=1)
+    resp = batch.response_mask.float()
+    return {"target": batch.targets.float(), "answer": answer, "verify_w": verify_w,
+            "resp_w": aggregation_weights("token_mean", resp, Totals.of(resp, dp_group))}
 
 
-def sft_loss(model, batch: SequenceBatch, vocab: int, yes_id: int, no_id: int, verifier_mode: str):
-    """Warm start: token CE on the policy targets (correct traces) + CE on the verification answers."""
-    f = forward(model, batch, vocab, 1.0)
-    m = batch.policy_mask.float()
-    token_ce = -(f.logp * m).sum() / m.sum().clamp(min=1)
-    v = verifier_loss(f.answer_logits, batch.verify_label, yes_id, no_id, verifier_mode, batch.verify_weight)
-    return token_ce + v, {"sft/token_ce": token_ce.item(), "sft/verifier_ce": v.item()}
+def rl_objective(batch: SequenceBatch, old_logp, algo, ver, vocab, yes_id, no_id, ref_logp=None,
+                 dp_group=None) -> Objective:
+    pol = batch.policy_mask.float()
+    totals = Totals.of(pol, dp_group)
+    fields = {**base_fields(batch, dp_group),
+              "w": aggregation_weights(algo.loss_agg, pol, totals, algo.max_tokens),
+              "tok_w": aggregation_weights("token_mean", pol, totals),
+              "adv": batch.advantages[:, None].expand_as(pol).float(), "old_logp": old_logp,
+              "rollout_logp": batch.rollout_logp,
+              "ref_logp": old_logp if ref_logp is None else ref_logp}
+
+    def loss(logits, mb):
+        f = mb.fields
+        logp, z = _policy_logprobs(logits, mb, vocab, algo.temperature)
+        t = ppo_terms(logp, f["old_logp"], f["adv"], algo.clip_low, algo.clip_high, f["rollout_logp"],
+                      algo.tis_cap, f["ref_logp"] if ref_logp is not None else None, algo.kl_beta)
+        pol_loss = (t.loss * f["w"]).sum()
+        at, lp_label, lp_yes, lp_no = _answer_logprobs(logits, mb, vocab, yes_id, no_id)
+        ver_loss = (verifier_ce(lp_label, lp_yes, lp_no, ver.loss) * f["verify_w"][at]).sum()
+        total = pol_loss + ver.lam * ver_loss if ver.lam > 0 else pol_loss
+        tw = f["tok_w"]
+        stats = {"loss/total": total, "loss/policy": pol_loss, "loss/verifier": ver_loss,
+                 "policy/clip_fraction": (t.clipped * tw).sum(), "policy/ratio_mean": (t.ratio * tw).sum(),
+                 "policy/kl_to_reference": (t.kl * tw).sum(),
+                 "policy/entropy": (entropy(z.detach(), vocab) * f["resp_w"]).sum()}
+        return total, stats
+
+    return Objective(fields, loss, ("loss/total", "loss/policy", "loss/verifier", "policy/clip_fraction",
+                                    "policy/ratio_mean", "policy/kl_to_reference", "policy/entropy"))
+
+
+def sft_objective(batch: SequenceBatch, vocab, yes_id, no_id, verifier_mode, dp_group=None) -> Objective:
+    pol = batch.policy_mask.float()
+    fields = {**base_fields(batch, dp_group), "w": aggregation_weights("token_mean", pol, Totals.of(pol, dp_group))}
+
+    def loss(logits, mb):
+        logp = target_logprobs(logits, mb.fields["target"].long(), vocab)
+        token_ce = -(logp * mb.fields["w"]).sum()
+        at, lp_label, lp_yes, lp_no = _answer_logprobs(logits, mb, vocab, yes_id, no_id)
+        ver_ce = (verifier_ce(lp_label, lp_yes, lp_no, verifier_mode) * mb.fields["verify_w"][at]).sum()
+        return token_ce + ver_ce, {"sft/token_ce": token_ce, "sft/verifier_ce": ver_ce}
+
+    return Objective(fields, loss, ("sft/token_ce", "sft/verifier_ce"))
+
+
+def run_schedule(chunks, mbs: list[MicroBatch], on_logits, forward_only: bool) -> list | None:
+    """megatron's forward(-backward) over the micro-batches; on the last pipeline stage, [on_logits(logits, mb)
+    per micro-batch] (for training, each a (loss, stats) pair), elsewhere None."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    def step(data_iterator, model):
+        mb = next(data_iterator)
+        positions = torch.arange(mb.tokens.shape[1]).expand_as(mb.tokens)
+        out = model(mb.tokens, positions, mb.attention_mask)
+        if forward_only:
+            return out, lambda logits, non_loss_data=True: on_logits(logits, mb)
+        return out, partial(on_logits, mb=mb)
+
+    vpp = len(chunks)
+    iters = [iter(mbs) for _ in range(vpp)] if vpp > 1 else iter(mbs)
+    R, S = mbs[0].tokens.shape
+    with torch.no_grad() if forward_only else torch.enable_grad():
+        out = get_forward_backward_func()(
+            forward_step_func=step, data_iterator=iters, model=chunks if vpp > 1 else chunks[0],
+            num_microbatches=len(mbs), seq_length=S, micro_batch_size=R,
+            forward_only=forward_only, collect_non_loss_data=forward_only)
+    return list(out) if ps.is_pipeline_last_stage(ignore_virtual=True) else None
+
+
+def reduce_stats(values: list[dict] | None, keys: tuple[str, ...], dp_group, pp_group) -> dict[str, float]:
+    """Sum per-micro-batch statistics, over data-parallel ranks, and share them with every pipeline stage."""
+    t = torch.zeros(len(keys), dtype=torch.float64)
+    for v in values or []:
+        t += torch.stack([v[k].detach().double() for k in keys])
+    for g in (pp_group, dp_group):
+        if g is not None and dist.get_world_size(g) > 1:
+            dist.all_reduce(t, group=g)
+    return dict(zip(keys, t.tolist()))
+
+
+def yes_score_from_logprobs(lp_yes: torch.Tensor, lp_no: torch.Tensor | None = None) -> torch.Tensor:
+    """verifier.yes_score on tensors of full-vocabulary log-probs."""
+    return lp_yes.exp() if lp_no is None else (lp_yes - torch.logaddexp(lp_yes, lp_no)).exp()
+
+
+def score_micro_batches(chunks, mbs, vocab, temperature, yes_id, no_id=None):
+    """Per token, the target's log-prob at `temperature`; at answer positions, the verifier score: P("Yes"),
+    or renormalised over {Yes, No} when `no_id` is given (as verifier.yes_score)."""
+    def on_logits(logits, mb):
+        logp, _ = _policy_logprobs(logits, mb, vocab, temperature)
+        at, _, lp_yes, lp_no = _answer_logprobs(logits, mb, vocab, yes_id, yes_id if no_id is None else no_id)
+        score = torch.zeros_like(logp)
+        score[at] = yes_score_from_logprobs(lp_yes, None if no_id is None else lp_no)
+        return logp, score
+
+    return run_schedule(chunks, mbs, on_logits, forward_only=True)
+
+
+def score(chunks, batch: SequenceBatch, vocab, temperature, yes_id, no_id=None, batching=None, groups=None):
+    """(old log-probs [B, L], verifier score [B]) for a SequenceBatch, on every rank of the model-parallel
+    group (broadcast from the last pipeline stage). `batching`: train config fields (default: one row each)."""
+    groups = groups or Groups.current()
+    batching = batching or _ONE_ROW_EACH
+    mbs = micro_batches(batch, {"target": batch.targets.float(), "answer": _answer_field(batch)}, batching,
+                        groups.seq_multiple)
+    out = score_micro_batches(chunks, mbs, vocab, temperature, yes_id, no_id)
+    shape = tuple(batch.targets.shape)
+    both = torch.zeros((2,) + shape)
+    if out is not None:
+        both[0] = scatter_back(mbs, [o[0] for o in out], shape)
+        both[1] = scatter_back(mbs, [o[1] for o in out], shape)
+    if groups.pp is not None and dist.get_world_size(groups.pp) > 1:
+        dist.all_reduce(both, group=groups.pp)  # only the last stage holds non-zeros
+    return both[0], both[1][torch.arange(len(batch)), batch.verify_pos]
+
+
+def _answer_field(batch):
+    a = torch.zeros_like(batch.targets, dtype=torch.float32)
+    a[torch.arange(len(batch)), batch.verify_pos] = 1.0
+    return a
+
+
+_ONE_ROW_EACH = SimpleNamespace(micro_batch_tokens=1 << 30, pack=False, pack_row_tokens=0)
+
+
+@dataclass
+class Groups:
+    dp: object = None
+    pp: object = None
+    seq_multiple: int = 1
+
+    @staticmethod
+    def current(sequence_parallel: bool = False) -> "Groups":
+        from megatron.core import parallel_state as ps
+
+        if not ps.model_parallel_is_initialized():
+            return Groups()
+        return Groups(ps.get_data_parallel_group(), ps.get_pipeline_model_parallel_group(),
+                      ps.get_tensor_model_parallel_world_size() if sequence_parallel else 1)

@@ -1,0 +1,183 @@
+"""Checkpoints: megatron dist_checkpointing of the model, the optimizer, per-rank RNG and the run position.
+
+Written atomically: every rank saves into a hidden temporary directory, rank 0 then writes a manifest (each
+file and its size), renames the directory to `step_NNNNNNNN` and only then points `latest` at it. A crash at
+any moment leaves the previous checkpoint complete and `latest` naming it. Loading checks the manifest first,
+so a truncated or partly deleted checkpoint fails with the file named, not deep inside torch.
+
+Tensors are saved by their global names, so a checkpoint resumes under any TP/PP/DP layout (saved at TP=2,
+resumed at TP=1). RNG states are restored only under the same layout; nothing in a step depends on them
+(rollouts and mini-batch order are seeded per step), they are kept for custom code that draws randomness.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from rlv_megatron.atomic import atomic_write_text
+
+LATEST = "latest"
+MANIFEST = "manifest.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or does not match the run."""
+
+
+def _layout() -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    from megatron.core import parallel_state as ps
+
+    return ((ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size(),
+             ps.get_data_parallel_world_size()),
+            (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(),
+             ps.get_data_parallel_rank()))
+
+
+def _rng_object(loading: bool):
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    shape, offset = _layout()
+    state = None if loading else {"torch": torch.get_rng_state(), "python": random.getstate()}
+    return ShardedObject("rng_state", state, shape, offset, replica_id=0)
+
+
+def _chunk_key(name: str, i: int, n: int) -> str:
+    return name if n == 1 else f"{name}{i}"
+
+
+def _sharded_state(policy, loading: bool, with_rng: bool, with_optimizer: bool = True) -> dict:
+    chunks = policy.model_chunks
+    model = {_chunk_key("model", i, len(chunks)): c.sharded_state_dict() for i, c in enumerate(chunks)}
+    # fully_reshardable: optimizer states in the canonical per-parameter layout, so any TP/PP/DP can load them
+    meta = {"distrib_optim_sharding_type": "fully_reshardable"}
+    state = dict(model)
+    if with_optimizer:
+        state["optimizer"] = policy.optimizer.sharded_state_dict(model, is_loading=loading, metadata=meta)
+    if with_rng:
+        state["rng"] = _rng_object(loading)
+    for i, c in enumerate(policy.reference or []):  # the KL reference (the policy after the warm start)
+        state[_chunk_key("reference", i, len(chunks))] = c.sharded_state_dict(prefix="reference.")
+    return state
+
+
+def _materialise_optimizer_states(optimizer) -> None:
+    """torch's Adam creates its states at the first step; megatron's distributed optimizer (without apex/TE)
+    needs them to exist to save or load a checkpoint. Create them as a fresh Adam would hold them (zero
+    moments, step 0) with megatron's dummy step at lr 0, which leaves the weights alone."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not hasattr(opt, "_init_optimizer_states_with_dummy_values") or opt.optimizer.state:
+            continue
+        lrs = [g["lr"] for g in opt.optimizer.param_groups]
+        for g in opt.optimizer.param_groups:
+            g["lr"] = 0.0
+        opt._init_optimizer_states_with_dummy_values()
+        for g, lr in zip(opt.optimizer.param_groups, lrs):
+            g["lr"] = lr
+        for state in opt.optimizer.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"].zero_()
+
+
+def _rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def save(policy, root: str | Path, step: int, run_state: dict, keep: int = 2) -> Path:
+    """Collective: every rank calls it. `run_state`: JSON-able position of the run (step, phase, ...)."""
+    from megatron.core import dist_checkpointing
+
+    root = Path(root)
+    final = root / f"step_{step:08d}"
+    tmp = root / f".step_{step:08d}.tmp"
+    if _rank0():
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    _materialise_optimizer_states(policy.optimizer)  # a save before the first step
+    state = _sharded_state(policy, loading=False, with_rng=True)
+    state["run"] = {**run_state, "step": step}
+    dist_checkpointing.save(state, str(tmp))
+    _barrier()
+    if _rank0():
+        files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+        for p in tmp.rglob("*"):
+            if p.is_file():
+                with open(p, "rb") as f:
+                    os.fsync(f.fileno())
+        manifest = {"step": step, "layout_pp_tp_dp": list(_layout()[0]), "files": files}
+        atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1))
+        shutil.rmtree(final, ignore_errors=True)  # a same-step leftover of an earlier, resumed run
+        os.rename(tmp, final)
+        atomic_write_text(root / LATEST, final.name + "\n")
+        for old in sorted(root.glob("step_*"))[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def latest(root: str | Path) -> Path | None:
+    """The newest complete checkpoint under `root`, or None when there is none yet."""
+    pointer = Path(root) / LATEST
+    if not pointer.exists():
+        return None
+    path = Path(root) / pointer.read_text().strip()
+    verify(path)
+    return path
+
+
+def verify(path: str | Path) -> dict:
+    """Raise CheckpointError naming the first missing or truncated file; return the manifest."""
+    path = Path(path)
+    manifest = path / MANIFEST
+    if not manifest.exists():
+        raise CheckpointError(f"{path}: not a complete checkpoint ({MANIFEST} missing: the save did not finish)")
+    try:
+        info = json.loads(manifest.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{manifest}: unreadable ({e})") from e
+    for name, size in info["files"].items():
+        f = path / name
+        if not f.exists():
+            raise CheckpointError(f"{path}: file {name} is missing (checkpoint incomplete)")
+        if f.stat().st_size != size:
+            raise CheckpointError(f"{path}: file {name} has {f.stat().st_size} bytes, the manifest says {size} "
+                                  "(truncated)")
+    return info
+
+
+def load(policy, path: str | Path, optimizer: bool = True) -> dict:
+    """Collective: load weights (and optimizer states, and the KL reference when the policy has one: call
+    freeze_reference first) into `policy` under its own layout; returns run_state."""
+    from megatron.core import dist_checkpointing
+
+    path = Path(path)
+    same_layout = verify(path)["layout_pp_tp_dp"] == list(_layout()[0])
+    if optimizer:
+        _materialise_optimizer_states(policy.optimizer)
+    state = _sharded_state(policy, loading=True, with_rng=same_layout, with_optimizer=optimizer)
+    loaded = dist_checkpointing.load(state, str(path))
+    n = len(policy.model_chunks)
+    for i, c in enumerate(policy.model_chunks):
+        c.load_state_dict(loaded[_chunk_key("model", i, n)])
+    for i, c in enumerate(policy.reference or []):
+        ref = loaded[_chunk_key("reference", i, n)]
+        c.load_state_dict({k.removeprefix("reference."): v for k, v in ref.items()})
+    if optimizer:
+        policy.optimizer.load_state_dict(loaded["optimizer"])
+    if same_layout and loaded.get("rng") is not None:
+        torch.set_rng_state(loaded["rng"]["torch"])
+        random.setstate(loaded["rng"]["python"])
+    return loaded["run"]
+

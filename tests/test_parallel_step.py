@@ -1,0 +1,192 @@
+"""The RL^V train step at TP=2 (with sequence parallel), PP=2, interleaved PP and DP=2 against one process;
+packed against unpacked micro-batches; vocabulary-parallel log-probs against log_softmax."""
+
+import pytest
+import torch
+
+from tests.distributed import run_distributed
+
+YES, NO = 5, 7
+
+
+def synthetic_batch(n=12, seed=0, vocab=1000):
+    """Sequences of different lengths with a response span and a Yes/No answer at the end."""
+    from rlv_megatron.verifier import SequenceBatch
+
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(9, 30, (n,), generator=g)
+    L = int(lens.max())
+    tokens = torch.randint(10, vocab, (n, L), generator=g)
+    targets = torch.randint(10, vocab, (n, L), generator=g)
+    resp = torch.zeros(n, L, dtype=torch.bool)
+    for i, m in enumerate(lens.tolist()):
+        resp[i, 3:m - 4] = True
+        tokens[i, m:] = 0
+        targets[i, m:] = 0
+    labels = torch.where(torch.rand(n, generator=g) > 0.5, YES, NO)
+    targets[torch.arange(n), lens - 1] = labels
+    return SequenceBatch(tokens, targets, resp, resp & (torch.arange(n) % 5 != 0)[:, None], lens - 1, labels,
+                         (torch.arange(n) % 3 != 0).float(), torch.randn(n, generator=g),
+                         -torch.rand(n, L, generator=g) * resp)
+
+
+def step_worker(model_dir, tp, pp, vpp, sp, dp, pack, agg):
+    from megatron.core import parallel_state as ps
+
+    from rlv_megatron.config import Config, ParallelConfig
+    from rlv_megatron.policy import Policy
+    from rlv_megatron.train.step import rl_objective, score
+
+    cfg = Config()
+    cfg.model.path = str(model_dir)
+    cfg.parallel = ParallelConfig(tp=tp, pp=pp, vpp=vpp, sequence_parallel=sp)
+    cfg.train.micro_batch_tokens, cfg.train.pack, cfg.train.pack_row_tokens = 64, pack, 40  # several
+    # Adam turns rounding noise in near-zero gradients into lr-sized updates (m / sqrt(v) ~ sign): with
+    # eps=1e-6 such gradients move nothing, so step 2 compares the parallel layouts, not the rounding
+    cfg.optim.lr, cfg.optim.eps = 1e-3, 1e-6
+    cfg.algo.loss_agg, cfg.algo.max_tokens = agg, 24
+    cfg.algo.clip_low = cfg.algo.clip_high = 0.1
+    policy = Policy(cfg)
+    full = synthetic_batch()
+    rank, world = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    rows = torch.arange(len(full)).chunk(world)[rank] if dp > 1 else torch.arange(len(full))
+    batch = full.select(rows)
+    # a shifted "old" policy so the ratios are not all 1 and clipping happens (a function of the full batch)
+    shift = 0.2 * torch.sin(torch.arange(full.targets.numel()).view_as(full.targets).float())[rows]
+    out = []
+    for _ in range(2):
+        old, p_yes = score(policy.chunks, batch, policy.vocab, 1.0, YES, NO, cfg.train, policy.groups)
+        old = old + shift
+        stats = policy.train_step(batch, rl_objective(batch, old, cfg.algo, cfg.verifier, policy.vocab, YES, NO,
+                                                      dp_group=policy.groups.dp))
+        out.append({**stats, "p_yes": p_yes.tolist()})
+    return out
+
+
+def _run(model_dir, world, tp=1, pp=1, vpp=None, sp=False, pack=True, agg="token_mean"):
+    dp = world // (tp * pp)
+    return run_distributed(step_worker, world, model_dir, tp, pp, vpp, sp, dp, pack, agg)
+
+
+KEYS = ("loss/total", "loss/policy", "loss/verifier", "grad_norm", "policy/clip_fraction", "policy/entropy")
+
+
+def _assert_same(ref, got, what):
+    for s, (a, b) in enumerate(zip(ref, got)):
+        for k in KEYS:
+            assert b[k] == pytest.approx(a[k], abs=1e-5, rel=1e-5), f"{what}: step {s} {k}: {b[k]} vs {a[k]}"
+    assert ref[1]["loss/total"] != pytest.approx(ref[0]["loss/total"], abs=1e-4)  # the step changed the model
+    assert ref[0]["policy/clip_fraction"] > 0
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory):
+    from rlv_megatron.models.tiny import make_hf_model
+
+    return make_hf_model("qwen2", tmp_path_factory.mktemp("qwen") / "m", seed=3)
+
+
+@pytest.fixture(scope="module")
+def reference(qwen):
+    return _run(qwen, 1)[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", [dict(tp=2, sp=True), dict(pp=2), dict(pp=2, vpp=2), dict()],
+                         ids=["tp2_sp", "pp2", "pp2_interleaved", "dp2"])
+def test_parallel_step_equals_one_process(qwen, reference, layout):
+    results = _run(qwen, 2, **layout)
+    for r in results:  # every rank reports the same, mini-batch-wide statistics
+        _assert_same(reference, r, str(layout))
+
+
+@pytest.mark.slow
+def test_packed_equals_unpacked(qwen, reference):
+    _assert_same(reference, _run(qwen, 1, pack=False)[0], "unpacked")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("agg", ["seq_mean", "constant"])
+def test_aggregations_split_exactly_over_data_parallel(qwen, agg):
+    _assert_same(_run(qwen, 1, agg=agg)[0], _run(qwen, 2, agg=agg)[0], f"dp2 {agg}")
+
+
+def test_vocab_parallel_logprobs_equal_log_softmax():
+    from rlv_megatron.train.vocab_parallel import entropy, target_logprobs
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5, 16, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 12, (3, 5))
+    vocab = 12  # columns 12..15 are Megatron's padding: excluded
+    ref = torch.log_softmax(logits[..., :vocab], -1).gather(-1, targets[..., None])[..., 0]
+    got = target_logprobs(logits, targets, vocab)
+    assert torch.allclose(got, ref, atol=1e-12)
+    w = torch.randn(3, 5, dtype=torch.float64)
+    g_ref, = torch.autograd.grad((ref * w).sum(), logits)
+    g_got, = torch.autograd.grad((got * w).sum(), logits)
+    assert torch.allclose(g_got, g_ref, atol=1e-12)
+    assert g_got[..., vocab:].abs().max() == 0
+    p = torch.softmax(logits[..., :vocab], -1)
+    assert torch.allclose(entropy(logits, vocab), -(p * p.log()).sum(-1), atol=1e-10)
+    assert torch.autograd.gradcheck(lambda z: target_logprobs(z, targets, vocab), (logits,))
+
+
+def test_block_causal_mask_and_row_plan():
+    from rlv_megatron.train.packing import block_causal_mask, plan_rows
+
+    m = block_causal_mask(torch.tensor([[0, 0, 1, 1, 1, -1]]))
+    assert m.shape == (1, 1, 6, 6)
+    allowed = ~m[0, 0]
+    assert allowed[1, 0] and not allowed[0, 1]  # causal within a sequence
+    assert not allowed[2, 1] and allowed[4, 2]  # no attention across sequences
+    assert plan_rows([5, 3, 4, 2], budget=8, pack=True) == [[[0, 1]], [[2, 3]]]  # rows of the budget
+    assert plan_rows([5, 3, 4, 2], budget=10, pack=True, row_tokens=5) == [[[0], [1, 3]], [[2]]]
+    assert plan_rows([5, 3, 4, 2, 1], budget=15, pack=False) == [[[0], [1], [2]], [[3], [4]]]
+    assert plan_rows([5, 3, 4, 2, 1], budget=10, pack=False) == [[[0], [1]], [[2], [3]], [[4]]]
+    with pytest.raises(ValueError, match="micro_batch_tokens=4"):
+        plan_rows([5], budget=4, pack=True)
+
+
+def reference_worker(model_dir, agg):
+    """The micro-batched, vocab-parallel loss against the whole-batch reference formulas on full logits."""
+    from rlv_megatron.algos.losses import policy_loss, verifier_loss
+    from rlv_megatron.config import Config
+    from rlv_megatron.policy import Policy
+    from rlv_megatron.train.step import rl_objective, score, sft_objective
+
+    cfg = Config()
+    cfg.model.path = str(model_dir)
+    cfg.train.micro_batch_tokens, cfg.train.pack_row_tokens = 64, 40
+    cfg.algo.loss_agg, cfg.algo.max_tokens, cfg.algo.temperature = agg, 24, 0.7
+    cfg.optim.lr = 0.0  # both objectives see the same weights
+    policy = Policy(cfg)
+    batch = synthetic_batch()
+    with torch.no_grad():
+        logits = policy.model(batch.tokens, torch.arange(batch.tokens.shape[1]).expand_as(batch.tokens), None)
+    logits = logits[..., :policy.vocab].double()
+    lp_t = torch.log_softmax(logits / 0.7, -1).gather(-1, batch.targets[..., None])[..., 0]
+    old = lp_t.float() + 0.2 * torch.sin(torch.arange(lp_t.numel()).view_as(lp_t).float())
+    answer = logits[torch.arange(len(batch)), batch.verify_pos]
+    a = cfg.algo
+    pol = policy_loss(lp_t, old.double(), batch.advantages.double(), batch.policy_mask, a.clip_low, a.clip_high,
+                      agg, a.max_tokens, batch.rollout_logp.double(), a.tis_cap)
+    ver = verifier_loss(answer, batch.verify_label, YES, NO, "full", batch.verify_weight)
+    sft_ref = -(lp_t.new_tensor(0) + torch.log_softmax(logits, -1).gather(-1, batch.targets[..., None])[..., 0]
+                [batch.policy_mask].mean()) + ver
+    got_old, _ = score(policy.chunks, batch, policy.vocab, 0.7, YES, NO, cfg.train, policy.groups)
+    stats = policy.train_step(batch, rl_objective(batch, old, a, cfg.verifier, policy.vocab, YES, NO))
+    sft = policy.train_step(batch, sft_objective(batch, policy.vocab, YES, NO, "full"))
+    return {"old_err": (got_old - lp_t.float())[batch.response_mask].abs().max().item(),
+            "policy": (stats["loss/policy"], pol.loss.item()), "verifier": (stats["loss/verifier"], ver.item()),
+            "clip": (stats["policy/clip_fraction"], pol.clip_fraction.item()),
+            "sft": (sft["sft/token_ce"] + sft["sft/verifier_ce"], sft_ref.item())}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("agg", ["token_mean", "seq_mean", "constant"])
+def test_micro_batched_loss_equals_the_whole_batch_formulas(qwen, agg):
+    r = run_distributed(reference_worker, 1, qwen, agg)[0]
+    assert r["old_err"] < 1e-5
+    for k in ("policy", "verifier", "clip"):
+        assert r[k][0] == pytest.approx(r[k][1], abs=1e-5), k
+    assert r["sft"][0] == pytest.approx(r["sft"][1], abs=1e-5)
