@@ -24,7 +24,9 @@ register_schema()
 def main(cfg: DictConfig) -> None:
     from rlv_megatron.run import run
 
-    print(run(OmegaConf.to_object(cfg)))
+    path = run(OmegaConf.to_object(cfg))
+    if path is not None:  # global rank 0 of a parallel run
+        print(path)
 
 
 if __name__ == "__main__":

@@ -22,10 +22,13 @@ def scratch_arch(cfg: Config, vocab_size: int, tokenizer) -> ModelArch:
                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
 
 
-def run(cfg: Config) -> Path:
+def run(cfg: Config) -> Path | None:
+    """The whole run on every rank (under torchrun or Slurm, one process per rank); returns the metrics path
+    on global rank 0 and None elsewhere."""
     from rlv_megatron.evaluate import evaluate
     from rlv_megatron.metrics import Metrics
     from rlv_megatron.policy import Policy
+    from rlv_megatron.rollout.colocate import Placement
     from rlv_megatron.rollout.engine import make_engine
     from rlv_megatron.tasks.chat import ChatFormat
     from rlv_megatron.tasks.registry import make_task
@@ -47,7 +50,9 @@ def run(cfg: Config) -> Path:
     fmt = ChatFormat(task.tokenizer, cfg.verifier.question, two_way=cfg.verifier.loss == "yes_no")
     arch = None if cfg.model.path else scratch_arch(cfg, len(task.tokenizer), task.tokenizer)
     policy = Policy(cfg, arch)
-    metrics = Metrics(str(out / "tb"), str(out / "metrics.jsonl"))
+    place = Placement.current()
+    lead = place.owns_engine and place.dp_rank == 0  # global rank 0 logs, evaluates and writes the report
+    metrics = Metrics(str(out / "tb"), str(out / "metrics.jsonl")) if lead else Metrics(None)
     results: dict = {}
     resume = checkpoint.latest(out / "checkpoints") if cfg.train.resume else None
     start_step = 0
@@ -55,22 +60,27 @@ def run(cfg: Config) -> Path:
         if cfg.algo.kl_beta > 0:
             policy.freeze_reference()  # the structure; its weights come from the checkpoint
         start_step = checkpoint.load(policy, resume)["step"]
-        print(f"resuming from {resume} (RL step {start_step})", flush=True)
+        if lead:
+            print(f"resuming from {resume} (RL step {start_step})", flush=True)
     elif cfg.sft.steps > 0:
         with metrics.timer("sft"):
             results["sft"] = warm_start(policy, task, fmt, cfg, metrics)
     if cfg.algo.kl_beta > 0 and policy.reference is None:
         policy.freeze_reference()
-    engine = make_engine("vllm", str(policy.export(out / "start", task.tokenizer)), cfg.rollout)
+    start = policy.export(out / "start", task.tokenizer)  # collective
+    engine = make_engine("vllm", str(start), cfg.rollout) if place.owns_engine else None
     try:
-        if cfg.eval.before_rl:
+        if cfg.eval.before_rl and lead:
             results["before_rl"] = run_eval(-1, engine, task, fmt, cfg, metrics)
         results["during_rl"] = train(policy, engine, task, fmt, cfg, metrics, out, start_step)
+        if not lead:
+            return None
         with metrics.timer("eval"):
             final, pool = evaluate(engine, fmt, task, task.eval, cfg.eval, cfg.algo.max_tokens)
         metrics.log(cfg.train.steps, {f"eval/{k}": v for k, v in final.items()})
     finally:
-        engine.close()
+        if engine is not None:
+            engine.close()
         metrics.close()
         task.close()
     with open(out / "pool.jsonl", "w") as f:

@@ -4,33 +4,42 @@ metrics -> periodic eval and checkpoint. Reads like DESIGN.md's flow; the work l
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from rlv_megatron.algos.advantages import compute_advantages, informative_groups
+from rlv_megatron.rollout.colocate import Placement, dp_mean, my_share, share_from_engine, stream_weights
 from rlv_megatron.evaluate import evaluate
 from rlv_megatron.metrics import verifier_quality
 from rlv_megatron.train import checkpoint
+from rlv_megatron.train.seeds import step_seed
 from rlv_megatron.train.step import rl_objective, score
-from rlv_megatron.verifier import build_sequences, verifier_selection
+from rlv_megatron.verifier import SequenceBatch, build_sequences, verifier_selection
 
 
-def rollout_seed(seed: int, step: int, prompt: int) -> int:
-    """Sampling is seeded per (run seed, step, prompt): a resumed run draws the same samples."""
-    return (seed * 1_000_003 + step * 10_007 + prompt) % (1 << 31)
+@dataclass
+class Rollouts:
+    """One replica's share of a step, built on its engine rank and shared with its other ranks."""
+    batch: SequenceBatch
+    rewards: torch.Tensor  # [B]
+    group_ids: torch.Tensor  # [B]
+    stats: dict
 
 
-def rl_step(step, policy, engine, task, fmt, cfg, metrics) -> dict:
+def collect_rollouts(step, engine, task, fmt, cfg, metrics, place: Placement) -> Rollouts:
+    """rollout -> reward -> advantages -> verifier batch, for this replica's prompts (engine rank only)."""
     a = cfg.algo
-    rng = random.Random(rollout_seed(cfg.train.seed, step, -2))  # verifier example selection
     with metrics.timer("rollout"):
-        problems = task.sample_train(a.prompts_per_step, seed=rollout_seed(cfg.train.seed, step, 0))
+        problems = task.sample_train(a.prompts_per_step, seed=step_seed(cfg.train.seed, step, 0))
+        first = place.dp_rank * (a.prompts_per_step // place.dp_size)  # global index of my first prompt
+        problems = my_share(problems, place)
         prompts = [fmt.prompt_ids(p.prompt) for p in problems]
         outs = engine.generate(prompts, n=a.group_size, temperature=a.temperature, top_p=a.top_p,
                                max_tokens=a.max_tokens, stop_token_ids=[fmt.eos_id],
-                               seeds=[rollout_seed(cfg.train.seed, step, i) for i in range(len(prompts))])
+                               seeds=[step_seed(cfg.train.seed, step, first + i) for i in range(len(prompts))])
     flat = [(i, s) for i, group in enumerate(outs) for s in group]
     with metrics.timer("reward"):
         texts = [fmt.decode(s.token_ids) for _, s in flat]
@@ -38,9 +47,22 @@ def rl_step(step, policy, engine, task, fmt, cfg, metrics) -> dict:
     group_ids = torch.tensor([i for i, _ in flat])
     r = torch.tensor(rewards, dtype=torch.float32)
     adv = compute_advantages(a.advantage, r, group_ids, a.adv_eps)
+    rng = random.Random(step_seed(cfg.train.seed, step, -2 - place.dp_rank))  # verifier example selection
     batch = build_sequences(fmt, [prompts[i] for i, _ in flat], [s.token_ids for _, s in flat], rewards,
                             adv.tolist(), verifier_selection(rewards, cfg.verifier.examples, rng),
                             task.tokenizer.pad_token_id, rollout_logps=[s.logprobs for _, s in flat])
+    lengths = [len(s.token_ids) for _, s in flat]
+    stats = {"grader/timeouts": grade_stats.get("timeouts", 0), "grader/errors": grade_stats.get("errors", 0),
+             "response/length_mean": sum(lengths) / len(lengths),
+             "throughput/rollout_tokens": sum(lengths) + sum(len(p) for p in prompts) * a.group_size}
+    return Rollouts(batch, r, group_ids, stats)
+
+
+def rl_step(step, policy, engine, task, fmt, cfg, metrics, place: Placement = Placement()) -> dict:
+    a = cfg.algo
+    ro = share_from_engine(
+        collect_rollouts(step, engine, task, fmt, cfg, metrics, place) if place.owns_engine else None, place)
+    batch, r, group_ids = ro.batch, ro.rewards, ro.group_ids
     with metrics.timer("train"):
         old_logp, p_yes = score(policy.chunks, batch, policy.vocab, a.temperature, fmt.yes_id, fmt.score_no_id,
                                 cfg.train, policy.groups)
@@ -50,7 +72,7 @@ def rl_step(step, policy, engine, task, fmt, cfg, metrics) -> dict:
         # all-equal groups carry no policy gradient but still teach the verifier
         batch.policy_mask &= keep[:, None]
         train_stats = {}
-        order = torch.Generator().manual_seed(rollout_seed(cfg.train.seed, step, -1))  # same on every rank
+        order = torch.Generator().manual_seed(step_seed(cfg.train.seed, step, -1))  # same on every rank
         for _ in range(a.ppo_epochs):
             for idx in torch.randperm(len(batch), generator=order).chunk(a.ppo_minibatches):
                 sub = batch.select(idx)
@@ -58,32 +80,39 @@ def rl_step(step, policy, engine, task, fmt, cfg, metrics) -> dict:
                     sub, old_logp[idx], a, cfg.verifier, policy.vocab, fmt.yes_id, fmt.no_id,
                     None if ref_logp is None else ref_logp[idx], policy.groups.dp))
     with metrics.timer("sync"):
-        sync = engine.update_weights(policy.hf_tensors())
+        weights = stream_weights(policy, place)
+        sync_seconds = engine.update_weights(weights).seconds if place.owns_engine else drain(weights)
     m = batch.response_mask
     gap = ((old_logp - batch.rollout_logp).abs() * m).sum() / m.sum().clamp(min=1)
-    lengths = [len(s.token_ids) for _, s in flat]
-    n_tokens = sum(lengths) + sum(len(p) for p in prompts) * a.group_size
-    return {"reward/mean": r.mean().item(), "reward/pass@1": r.mean().item(),
-            "reward/informative_groups": keep.float().mean().item(),
-            "grader/timeouts": grade_stats.get("timeouts", 0), "grader/errors": grade_stats.get("errors", 0),
-            "response/length_mean": sum(lengths) / len(lengths),
-            "policy/train_rollout_logprob_gap": gap.item(), "sync/seconds": sync.seconds,
-            "throughput/rollout_tokens": n_tokens, **train_stats,
-            **verifier_quality(p_yes.tolist(), [x >= 1.0 for x in rewards], group_ids.tolist())}
+    rollout_stats = dp_mean({"reward/mean": r.mean().item(), "reward/informative_groups": keep.float().mean().item(),
+                             "policy/train_rollout_logprob_gap": gap.item(), **ro.stats,
+                             **verifier_quality(p_yes.tolist(), [x >= 1.0 for x in r.tolist()],
+                                                group_ids.tolist())}, place)
+    return {**rollout_stats, "reward/pass@1": rollout_stats["reward/mean"], "sync/seconds": sync_seconds,
+            **train_stats}
+
+
+def drain(iterator) -> float:
+    """Drive an iterator's collectives on a rank that does not consume it; returns 0.0 (no sync time)."""
+    for _ in iterator:
+        pass
+    return 0.0
 
 
 def train(policy, engine, task, fmt, cfg, metrics, out_dir: Path, start_step: int = 0) -> list[dict]:
     """RL steps start_step..train.steps-1; every step is a function of (seed, step, weights, optimizer), so
     a run resumed from the checkpoint after step k repeats the uninterrupted run exactly."""
     evals = []
+    place = Placement.current()
+    lead = place.owns_engine and place.dp_rank == 0  # global rank 0: logs and evaluates
     for step in tqdm(range(start_step, cfg.train.steps), desc="rl", mininterval=5,
-                     initial=start_step, total=cfg.train.steps):
-        values = rl_step(step, policy, engine, task, fmt, cfg, metrics)
+                     initial=start_step, total=cfg.train.steps, disable=not lead):
+        values = rl_step(step, policy, engine, task, fmt, cfg, metrics, place)
         phases = sum(v for k, v in metrics.times.items())
-        values["throughput/tokens_per_s"] = values["throughput/rollout_tokens"] / max(phases, 1e-9)
+        values["throughput/tokens_per_s"] = values["throughput/rollout_tokens"] * place.dp_size / max(phases, 1e-9)
         metrics.log(step, values)
         last = step == cfg.train.steps - 1
-        if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and not last:
+        if lead and cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and not last:
             evals.append(run_eval(step, engine, task, fmt, cfg, metrics))
         if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0 or last:
             checkpoint.save(policy, out_dir / "checkpoints", step + 1, {"phase": "rl"}, cfg.train.keep_checkpoints)

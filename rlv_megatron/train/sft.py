@@ -8,19 +8,25 @@ import random
 
 from tqdm import tqdm
 
+from rlv_megatron.rollout.colocate import Placement, my_share
 from rlv_megatron.train.step import sft_objective
+from rlv_megatron.train.seeds import step_seed
 from rlv_megatron.verifier import build_sequences
 
 
 def warm_start(policy, task, fmt, cfg, metrics=None) -> dict:
     if task.sft_pairs is None:
         raise ValueError(f"task.name={task.name}: has no warm-start data (sft.steps must be 0)")
-    rng = random.Random(cfg.train.seed)
+    place = Placement.current()
     tok = task.tokenizer
     last = {}
-    for step in tqdm(range(cfg.sft.steps), desc="sft", mininterval=5):
+    for step in tqdm(range(cfg.sft.steps), desc="sft", mininterval=5, disable=place.dp_rank + place.tp_rank +
+                     place.pp_rank > 0):
         policy.set_lr(sft_lr(step, cfg.sft))
-        problems = task.sample_train(cfg.sft.batch_size, seed=rng.randrange(1 << 30))
+        # every rank draws the same problems (seeded per step); each data-parallel replica trains on its share
+        problems = my_share(task.sample_train(cfg.sft.batch_size, seed=step_seed(cfg.train.seed, step, -3)),
+                            place)
+        rng = random.Random(step_seed(cfg.train.seed, step, -4 - place.dp_rank))  # the corruptions
         good, bad = task.sft_pairs(problems, rng)
         pairs = good + (bad if cfg.sft.verify else [])
         prompts = [fmt.prompt_ids(p) for p, _ in pairs]
