@@ -40,6 +40,39 @@ def _cmd_inspect(args) -> int:
     return 0
 
 
+def _cmd_export(args) -> int:
+    """A checkpoint (a step directory, or a checkpoints root: its latest) -> a Hugging Face directory."""
+    from pathlib import Path
+
+    from rlv_megatron.config import Config
+    from rlv_megatron.policy import Policy
+    from rlv_megatron.train import checkpoint
+
+    ckpt = Path(args.checkpoint)
+    try:
+        step_dir = checkpoint.latest(ckpt) if (ckpt / checkpoint.LATEST).exists() else ckpt
+        checkpoint.verify(step_dir)
+    except checkpoint.CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    model_dir = Path(args.model) if args.model else step_dir.parent.parent / "start"
+    if not (model_dir / "config.json").exists():
+        print(f"error: --model {model_dir}: no config.json (the run's start/ directory or the HF model it "
+              "started from)", file=sys.stderr)
+        return 2
+    cfg = Config()
+    cfg.model.path = str(model_dir)
+    policy = Policy(cfg)
+    checkpoint.load(policy, step_dir, optimizer=False)
+    tokenizer = None
+    if (model_dir / "tokenizer_config.json").exists():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    print(policy.export(args.out, tokenizer, dtype=getattr(__import__("torch"), args.dtype)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rlv", description="RL^V on megatron-core + vLLM: the policy is its own verifier.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -55,6 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--vpp", type=int, default=None, help="virtual pipeline stages per rank")
     i.add_argument("--rollout-tp", type=int, default=1, help="vLLM tensor parallel size")
     i.set_defaults(func=_cmd_inspect)
+    e = sub.add_parser("export", help="write a checkpoint (any TP/PP layout) as a Hugging Face directory")
+    e.add_argument("checkpoint", help="a step_* directory, or a checkpoints/ root (its latest)")
+    e.add_argument("out", help="output Hugging Face directory (written atomically)")
+    e.add_argument("--model", default=None,
+                   help="HF directory with the architecture and tokenizer (default: the run's start/)")
+    e.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    e.set_defaults(func=_cmd_export)
     return p
 
 

@@ -1,6 +1,8 @@
 """Checkpoints: saved at TP=2, resumed at TP=1 with the same next step; atomic under a crash mid-save;
 truncated or incomplete checkpoints refused naming the file."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -48,6 +50,19 @@ def resume_and_step(model_dir, root, tp, optimizer=True):
     return state, [_step(policy), _step(policy)]
 
 
+def export_and_compare(model_dir, root, out):
+    from safetensors.torch import load_file
+
+    from rlv_megatron import cli
+    from rlv_megatron.train import checkpoint
+
+    assert cli.main(["export", str(root), str(out), "--model", str(model_dir), "--dtype", "float32"]) == 0
+    exported = load_file(str(Path(out) / "model.safetensors"))
+    policy = _policy(model_dir, 1)
+    checkpoint.load(policy, checkpoint.latest(root), optimizer=False)
+    return max((exported[n] - t).abs().max().item() for n, t in policy.hf_tensors())
+
+
 def crash_mid_save(model_dir, root):
     from megatron.core import dist_checkpointing
 
@@ -90,6 +105,12 @@ def test_tp2_checkpoint_resumes_at_tp1_with_the_same_next_step(qwen, tmp_path):
     _, weights_only = run_distributed(resume_and_step, 1, qwen, root, 1, False)[0]
     assert weights_only[0]["loss/total"] == pytest.approx(continued[0]["loss/total"], rel=1e-5)
     assert weights_only[1]["loss/total"] != pytest.approx(continued[1]["loss/total"], rel=1e-4)
+
+    # `rlv export`: the TP=2 checkpoint as a Hugging Face directory, equal to the checkpoint's weights
+    assert run_distributed(export_and_compare, 1, qwen, root, tmp_path / "hf")[0] == 0.0
+    import transformers
+
+    transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")  # loads in transformers
 
     # a crash after the files were written but before the rename: `latest` still names step 1
     assert run_distributed(crash_mid_save, 1, qwen, root)[0] == "step_00000001"
