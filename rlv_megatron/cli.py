@@ -31,11 +31,9 @@ def _cmd_inspect(args) -> int:
         return 2
     info = asdict(arch)
     info["padded_vocab_size"] = padded_vocab_size(arch.vocab_size, cfg.model.make_vocab_size_divisible_by, args.tp)
-    h, f, L, v = arch.hidden_size, arch.ffn_hidden_size, arch.num_layers, arch.vocab_size
-    qkv_rows = (arch.num_heads + 2 * arch.num_kv_heads) * arch.head_dim
-    qkv = qkv_rows * (h + (1 if arch.qkv_bias else 0))
-    info["parameters"] = L * (qkv + arch.num_heads * arch.head_dim * h + 3 * h * f + 2 * h) + h + \
-        v * h * (1 if arch.tie_word_embeddings else 2)
+    from rlv_megatron.plan import total_params
+
+    info["parameters"] = total_params(arch)
     print(json.dumps(info, indent=2))
     return 0
 
@@ -73,6 +71,29 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _cmd_plan(args) -> int:
+    from pathlib import Path
+
+    from rlv_megatron import plan
+    from rlv_megatron.config import Config, ConfigError, apply_overrides, validate
+    from rlv_megatron.models.hf_config import UnsupportedConfig, load_arch
+
+    try:
+        arch = plan.PRESETS[args.model] if args.model in plan.PRESETS else load_arch(Path(args.model))
+        cfg = apply_overrides(Config(), args.overrides)
+        validate(cfg, arch)
+        p = plan.estimate(cfg, arch, plan.DEVICES[args.gpu], args.gpus)
+        print(f"{args.model} on {args.gpus} x {plan.DEVICES[args.gpu].name}: TP={cfg.parallel.tp} "
+              f"PP={cfg.parallel.pp} DP={args.gpus // (cfg.parallel.tp * cfg.parallel.pp)}, "
+              f"recompute={cfg.parallel.recompute}, {cfg.train.micro_batch_tokens} tokens per micro-batch")
+        print(p.table())
+        plan.check(p)
+    except (ConfigError, UnsupportedConfig, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rlv", description="RL^V on megatron-core + vLLM: the policy is its own verifier.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -95,11 +116,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="HF directory with the architecture and tokenizer (default: the run's start/)")
     e.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
     e.set_defaults(func=_cmd_export)
+    pl = sub.add_parser("plan", help="per-GPU memory and throughput of a config; refuses one that cannot fit")
+    pl.add_argument("model", help="HF model directory, or a preset: " + ", ".join(
+        ["qwen2.5-math-7b", "r1-distill-qwen-32b"]))
+    pl.add_argument("--gpu", default="h100-80gb", choices=["h100-80gb", "h200", "a100-80gb", "cpu"])
+    pl.add_argument("--gpus", type=int, default=8, help="world size (GPUs in the run)")
+    pl.add_argument("overrides", nargs="*", help="config fields, e.g. parallel.tp=4 parallel.recompute=full")
+    pl.set_defaults(func=_cmd_plan, allow_overrides=True)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest:  # config overrides may sit anywhere among the options (`rlv plan M --gpus 8 parallel.tp=2`)
+        if not getattr(args, "allow_overrides", False) or not all("=" in r for r in rest):
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        args.overrides = list(args.overrides) + rest
     return args.func(args)
 
 

@@ -181,6 +181,29 @@ _CHOICES = {
 }
 
 
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """`section.field=value` strings (as on a Hydra command line) onto a Config, typed like the field."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        section, _, name = key.partition(".")
+        if not sep or not hasattr(cfg, section) or not hasattr(getattr(cfg, section), name):
+            raise ConfigError(f"{item!r}: expected section.field=value with a known field")
+        current = getattr(getattr(cfg, section), name)
+        if raw.lower() in ("none", "null"):
+            value = None
+        elif isinstance(current, bool):
+            value = raw.lower() in ("1", "true", "yes")
+        elif isinstance(current, (int, float)):
+            try:
+                value = type(current)(raw)
+            except ValueError as e:
+                raise ConfigError(f"{key}={raw!r}: not a {type(current).__name__}") from e
+        else:
+            value = raw
+        setattr(getattr(cfg, section), name, value)
+    return cfg
+
+
 def _get(cfg: Config, dotted: str):
     obj = cfg
     for part in dotted.split("."):

@@ -1,0 +1,191 @@
+"""`rlv plan`: per-GPU memory and token throughput of a run before it is launched.
+
+Memory per GPU (bytes), for the pipeline stage that holds the most (the first: embedding + the 1F1B
+schedule's in-flight micro-batches):
+  weights      P * param_bytes                               P = parameters on this rank (TP/PP shard)
+  grads        P * 4                                         megatron DDP reduces grads in fp32
+  optimizer    P * (8 + 4 [fp32 master copy if bf16]) / (DP if distributed optimizer)     Adam m, v
+  activations  per token and layer (elements): 10h + 4f [+ heads * row when attention probabilities are
+               stored], / TP for the sharded ones, x bytes; selective recompute drops the scores, full
+               recompute keeps only the layer input (h) plus one layer being recomputed; backward adds
+               about two layers' worth of gradients (measured);
+               x micro-batch tokens x layers per stage x in-flight micro-batches (min(PP, count))
+  logits       micro-batch tokens x vocab/TP x (param_bytes + 2 x 4): the output, its fp32 copy and
+               the softmax the vocab-parallel log-prob keeps for backward
+  engine       vLLM takes rollout.gpu_memory_utilization of the GPU: its weights (bf16 / rollout TP), the
+               rest KV cache (2 x layers x kv_heads x head_dim x 2 bytes per token / rollout TP), which sets
+               how many of the replica's sequences decode at once at full length; with sleep mode the engine's
+               memory is freed while training runs, so the peak is max(train, engine), else the sum
+Throughput: training at `mfu` of peak bf16 FLOPs with 6 x params FLOPs per token (8 with full recompute);
+decoding limited by memory bandwidth (each step reads the weights and the KV cache once).
+Validated against measured peak memory of small configs on CPU (tests/test_plan.py); the GPU figures
+are estimates from these formulas, not measurements.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from rlv_megatron.config import Config, ConfigError
+from rlv_megatron.models.builder import padded_vocab_size
+from rlv_megatron.models.hf_config import ModelArch
+
+GiB = 1 << 30
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str
+    memory_gib: float
+    bf16_tflops: float  # dense
+    bandwidth_tbps: float
+    flash_attention: bool = True  # attention scores are not stored (TE / flash)
+
+
+DEVICES = {
+    "h100-80gb": Device("H100 80GB SXM", 80, 989, 3.35),
+    "h200": Device("H200 141GB", 141, 989, 4.8),
+    "a100-80gb": Device("A100 80GB", 80, 312, 2.0),
+    "cpu": Device("CPU (local spec)", 0, 0, 0, flash_attention=False),
+}
+
+# Architectures of the cluster recipes, from their config.json (no download at run time).
+PRESETS = {
+    "qwen2.5-math-7b": ModelArch(family="qwen2", vocab_size=152064, hidden_size=3584, ffn_hidden_size=18944,
+                                 num_layers=28, num_heads=28, num_kv_heads=4, head_dim=128, norm_eps=1e-6,
+                                 rope_theta=10000.0, max_position_embeddings=4096, qkv_bias=True,
+                                 tie_word_embeddings=False),
+    "r1-distill-qwen-32b": ModelArch(family="qwen2", vocab_size=152064, hidden_size=5120, ffn_hidden_size=27648,
+                                     num_layers=64, num_heads=40, num_kv_heads=8, head_dim=128, norm_eps=1e-5,
+                                     rope_theta=1000000.0, max_position_embeddings=131072, qkv_bias=True,
+                                     tie_word_embeddings=False),
+}
+
+
+@dataclass
+class Plan:
+    memory: dict[str, float] = field(default_factory=dict)  # bytes per GPU, by term
+    total: float = 0.0
+    capacity: float = 0.0
+    throughput: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # reasons it cannot run besides the total
+
+    @property
+    def fits(self) -> bool:
+        return not self.problems and (self.capacity == 0 or self.total <= self.capacity)
+
+    def biggest(self) -> str:
+        return max(self.memory, key=self.memory.get)
+
+    def table(self) -> str:
+        lines = [f"{'term':<14}{'GiB':>10}"] + [f"{k:<14}{v / GiB:>10.2f}" for k, v in self.memory.items()]
+        lines.append(f"{'total':<14}{self.total / GiB:>10.2f}" +
+                     (f"   of {self.capacity / GiB:.0f} GiB" if self.capacity else ""))
+        lines += [f"{k}: {v:,.0f}" for k, v in self.throughput.items()] + self.notes + self.problems
+        return "\n".join(lines)
+
+
+def layer_params(arch: ModelArch) -> int:
+    h, d = arch.hidden_size, arch.head_dim
+    attn = h * d * (arch.num_heads + 2 * arch.num_kv_heads) + arch.num_heads * d * h
+    bias = (arch.num_heads + 2 * arch.num_kv_heads) * d if arch.qkv_bias else 0
+    return attn + bias + 3 * h * arch.ffn_hidden_size + 2 * h
+
+
+def total_params(arch: ModelArch) -> int:
+    emb = arch.vocab_size * arch.hidden_size
+    return arch.num_layers * layer_params(arch) + emb * (1 if arch.tie_word_embeddings else 2) + arch.hidden_size
+
+
+def activation_elements(arch: ModelArch, tp: int, sp: bool, row: int, recompute: str, scores: bool) -> float:
+    """Activation elements autograd keeps per token per layer: norm inputs, qkv input, Q/K/V with K, V
+    repeated to every head, attention context, fc1 in/out, SiLU output, fc2 input, and the attention
+    probabilities when the attention kernel stores them (saved-tensor hooks on the local spec counted
+    12h + 4f + heads x row at h=512, f=1536)."""
+    h, f = arch.hidden_size, arch.ffn_hidden_size
+    if recompute == "full":
+        return h / (tp if sp else 1)
+    replicated = 2 * h  # the two norm inputs (sharded along the sequence under SP)
+    sharded = 10 * h + 4 * f
+    per = replicated / (tp if sp else 1) + sharded / tp
+    if scores and recompute == "none":
+        per += arch.num_heads * row / tp
+    return per
+
+
+def estimate(cfg: Config, arch: ModelArch, device: Device, world_size: int, mfu: float = 0.4,
+             bandwidth_efficiency: float = 0.7) -> Plan:
+    par, tr = cfg.parallel, cfg.train
+    tp, pp = par.tp, par.pp
+    if world_size % (tp * pp):
+        raise ConfigError(f"parallel.tp={tp} x parallel.pp={pp} does not divide {world_size} GPUs")
+    dp = world_size // (tp * pp)
+    pbytes = 2 if cfg.model.params_dtype == "bfloat16" else 4
+    vpad = padded_vocab_size(arch.vocab_size, cfg.model.make_vocab_size_divisible_by, tp)
+    layers_per_stage = arch.num_layers // pp
+    first_stage = layers_per_stage * layer_params(arch) / tp + vpad * arch.hidden_size / tp
+    if pp == 1:
+        first_stage += (0 if arch.tie_word_embeddings else vpad * arch.hidden_size / tp) + arch.hidden_size
+    P = first_stage
+    plan = Plan()
+    m = plan.memory
+    m["weights"] = P * pbytes
+    m["grads"] = P * 4
+    m["optimizer"] = P * (8 + (4 if pbytes == 2 else 0)) / (dp if par.distributed_optimizer else 1)
+    T = tr.micro_batch_tokens
+    row = min(T, tr.pack_row_tokens or T) if tr.pack else min(T, cfg.rollout.max_model_len)
+    per_token = activation_elements(arch, tp, par.sequence_parallel, row, par.recompute,
+                                    scores=not device.flash_attention)
+    in_flight = pp  # 1F1B: the first stage holds up to PP micro-batches' activations
+    one_layer = activation_elements(arch, tp, par.sequence_parallel, row, "none", not device.flash_attention) * \
+        pbytes * T
+    # backward also holds the gradients of the layer it is in (measured: about two layers' worth), and full
+    # recompute re-creates one layer's activations at a time
+    act = per_token * pbytes * T * layers_per_stage * in_flight + one_layer * (1 if par.recompute == "full" else 2)
+    m["activations"] = act
+    if pp == 1:
+        m["logits"] = T * vpad / tp * (pbytes + 2 * 4)
+    else:
+        plan.notes.append("logits live on the last stage; the first stage (shown) holds the embedding")
+    train_total = sum(m.values())
+    if device.memory_gib:
+        ro = cfg.rollout
+        rtp = ro.tensor_parallel_size
+        plan.capacity = device.memory_gib * GiB
+        reserve = ro.gpu_memory_utilization * plan.capacity  # what vLLM takes: weights, then KV cache
+        engine_weights = total_params(arch) * 2 / rtp
+        kv_budget = max(reserve - engine_weights, 0.0)
+        m["engine_weights"], m["engine_kv"] = engine_weights, kv_budget
+        plan.total = max(train_total, reserve) if ro.enable_sleep_mode else train_total + reserve
+        if kv_budget == 0:
+            plan.problems.append(f"rollout.gpu_memory_utilization={ro.gpu_memory_utilization}: the engine's "
+                                 f"{reserve / GiB:.1f} GiB do not hold its {engine_weights / GiB:.1f} GiB of weights")
+        seqs = cfg.algo.prompts_per_step * cfg.algo.group_size / dp  # one engine per data-parallel replica
+        kv_seq = ro.max_model_len * 2 * arch.num_layers * arch.num_kv_heads * arch.head_dim * 2 / rtp
+        in_flight = max(min(seqs, kv_budget // kv_seq), 1)
+        if in_flight < seqs:
+            plan.notes.append(f"KV cache holds {in_flight:.0f} of the {seqs:.0f} sequences per engine at "
+                              f"rollout.max_model_len={ro.max_model_len}: rollouts run in waves")
+        flops_token = (8 if par.recompute == "full" else 6) * total_params(arch)
+        plan.throughput["train tokens/s (cluster)"] = mfu * device.bf16_tflops * 1e12 * world_size / flops_token
+        # a decode step reads the weights and, on average, half of each sequence's final KV cache
+        step_s = (engine_weights + in_flight * kv_seq / 2) / (device.bandwidth_tbps * 1e12 * bandwidth_efficiency)
+        plan.throughput["rollout tokens/s (cluster)"] = in_flight / step_s * dp
+        if rtp != tp * pp:
+            plan.notes.append(f"rollout.tensor_parallel_size={rtp}: each replica's engine uses {rtp} of its "
+                              f"{tp * pp} GPUs (set it to TP x PP to use them all)")
+    else:
+        plan.total = train_total
+    return plan
+
+
+def check(plan: Plan) -> None:
+    """Refuse a plan that does not fit, naming the biggest term."""
+    reasons = list(plan.problems)
+    if plan.capacity and plan.total > plan.capacity:
+        big = plan.biggest()
+        reasons.insert(0, f"does not fit: {plan.total / GiB:.1f} GiB per GPU > {plan.capacity / GiB:.0f} GiB; "
+                          f"the biggest term is {big} ({plan.memory[big] / GiB:.1f} GiB)")
+    if reasons:
+        raise ConfigError("; ".join(reasons))

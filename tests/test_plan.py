@@ -1,0 +1,65 @@
+"""`rlv plan`: terms against their formulas, refusal naming the biggest term, the cluster presets, and the
+estimate against the measured peak memory of a train step on CPU."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rlv_megatron.config import Config, ConfigError, apply_overrides
+from rlv_megatron.plan import DEVICES, PRESETS, GiB, check, estimate, total_params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cfg(*overrides):
+    return apply_overrides(Config(), ["model.params_dtype=bfloat16", *overrides])
+
+
+def test_static_terms_follow_the_sharding():
+    arch = PRESETS["qwen2.5-math-7b"]
+    one = estimate(_cfg(), arch, DEVICES["h100-80gb"], world_size=8)
+    tp2 = estimate(_cfg("parallel.tp=2"), arch, DEVICES["h100-80gb"], world_size=8)
+    P = total_params(arch)
+    assert one.memory["weights"] == pytest.approx(P * 2, rel=2e-3)  # bf16, padded vocab
+    assert one.memory["grads"] == pytest.approx(P * 4, rel=2e-3)  # fp32 grad buffer
+    assert one.memory["optimizer"] == pytest.approx(P * 12 / 8, rel=2e-3)  # fp32 master + m + v over DP=8
+    assert tp2.memory["weights"] == pytest.approx(one.memory["weights"] / 2, rel=1e-3)
+    assert tp2.memory["optimizer"] == pytest.approx(one.memory["optimizer"] / 2 * 2, rel=1e-3)  # DP 4
+    full = estimate(_cfg("parallel.recompute=full"), arch, DEVICES["h100-80gb"], world_size=8)
+    assert full.memory["activations"] < one.memory["activations"] / 5
+
+
+def test_refuses_a_config_that_cannot_fit_naming_the_biggest_term():
+    arch = PRESETS["r1-distill-qwen-32b"]
+    plan = estimate(_cfg(), arch, DEVICES["h100-80gb"], world_size=8)
+    with pytest.raises(ConfigError, match="does not fit.*biggest term is grads"):
+        check(plan)
+    ok = estimate(_cfg("parallel.tp=8", "parallel.pp=2", "parallel.sequence_parallel=true",
+                       "parallel.recompute=full", "train.micro_batch_tokens=32768", "rollout.max_model_len=32768",
+                       "rollout.tensor_parallel_size=8", "rollout.enable_sleep_mode=true",
+                       "rollout.gpu_memory_utilization=0.7"), arch, DEVICES["h100-80gb"], world_size=16)
+    check(ok)
+    assert ok.total < 80 * GiB and any("waves" in n for n in ok.notes)
+
+
+def test_cli_plan_prints_and_refuses():
+    ok = subprocess.run([sys.executable, "-m", "rlv_megatron.cli", "plan", "qwen2.5-math-7b", "--gpus", "8",
+                         "parallel.tp=2", "model.params_dtype=bfloat16", "rollout.enable_sleep_mode=true"],
+                        capture_output=True, text=True, cwd=ROOT)
+    assert ok.returncode == 0 and "weights" in ok.stdout and "rollout tokens/s" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "rlv_megatron.cli", "plan", "r1-distill-qwen-32b", "--gpus", "8",
+                          "parallel.tp=3"], capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode == 2 and "parallel.tp=3" in bad.stderr
+
+
+@pytest.mark.slow
+def test_estimate_within_15_percent_of_measured_peak_on_cpu():
+    config = [512, 8, 8, 4, 1536, 32000, 2048, 256, "none"]
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "plan_memory.py"), json.dumps(config)],
+                         capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["estimated"] == pytest.approx(r["measured"], rel=0.15)
