@@ -88,7 +88,8 @@ class Policy:
         statistics and the grad norm before clipping."""
         from megatron.core import parallel_state as ps
 
-        mbs = micro_batches(batch, objective.fields, self.cfg.train, self.groups.seq_multiple)
+        mbs = micro_batches(batch, objective.fields, self.cfg.train, self.groups.seq_multiple,
+                            min_count=self.groups.pp_size)
         scale = len(mbs) * ps.get_data_parallel_world_size()  # undo megatron's mean over both
 
         def on_logits(logits, mb):

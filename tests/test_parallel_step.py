@@ -30,7 +30,7 @@ def synthetic_batch(n=12, seed=0, vocab=1000):
                          -torch.rand(n, L, generator=g) * resp)
 
 
-def step_worker(model_dir, tp, pp, vpp, sp, dp, pack, agg):
+def step_worker(model_dir, tp, pp, vpp, sp, dp, pack, agg, budget=64):
     from megatron.core import parallel_state as ps
 
     from rlv_megatron.config import Config, ParallelConfig
@@ -40,7 +40,7 @@ def step_worker(model_dir, tp, pp, vpp, sp, dp, pack, agg):
     cfg = Config()
     cfg.model.path = str(model_dir)
     cfg.parallel = ParallelConfig(tp=tp, pp=pp, vpp=vpp, sequence_parallel=sp)
-    cfg.train.micro_batch_tokens, cfg.train.pack, cfg.train.pack_row_tokens = 64, pack, 40  # several
+    cfg.train.micro_batch_tokens, cfg.train.pack, cfg.train.pack_row_tokens = budget, pack, 40
     # Adam turns rounding noise in near-zero gradients into lr-sized updates (m / sqrt(v) ~ sign): with
     # eps=1e-6 such gradients move nothing, so step 2 compares the parallel layouts, not the rounding
     cfg.optim.lr, cfg.optim.eps = 1e-3, 1e-6
@@ -63,9 +63,9 @@ def step_worker(model_dir, tp, pp, vpp, sp, dp, pack, agg):
     return out
 
 
-def _run(model_dir, world, tp=1, pp=1, vpp=None, sp=False, pack=True, agg="token_mean"):
-    dp = world // (tp * pp)
-    return run_distributed(step_worker, world, model_dir, tp, pp, vpp, sp, dp, pack, agg)
+def _run(model_dir, world, tp=1, pp=1, vpp=None, sp=False, pack=True, agg="token_mean", budget=64):
+    dp = world // (tp * pp)  # budget 64: several micro-batches
+    return run_distributed(step_worker, world, model_dir, tp, pp, vpp, sp, dp, pack, agg, budget)
 
 
 KEYS = ("loss/total", "loss/policy", "loss/verifier", "grad_norm", "policy/clip_fraction", "policy/entropy")
@@ -92,8 +92,9 @@ def reference(qwen):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", [dict(tp=2, sp=True), dict(pp=2), dict(pp=2, vpp=2), dict()],
-                         ids=["tp2_sp", "pp2", "pp2_interleaved", "dp2"])
+@pytest.mark.parametrize("layout", [dict(tp=2, sp=True), dict(pp=2), dict(pp=2, vpp=2),
+                                    dict(pp=2, vpp=2, budget=4096), dict()],
+                         ids=["tp2_sp", "pp2", "pp2_interleaved", "pp2_interleaved_whole_batch", "dp2"])
 def test_parallel_step_equals_one_process(qwen, reference, layout):
     results = _run(qwen, 2, **layout)
     for r in results:  # every rank reports the same, mini-batch-wide statistics
@@ -143,6 +144,7 @@ def test_block_causal_mask_and_row_plan():
     assert plan_rows([5, 3, 4, 2], budget=10, pack=True, row_tokens=5) == [[[0], [1, 3]], [[2]]]
     assert plan_rows([5, 3, 4, 2, 1], budget=15, pack=False) == [[[0], [1], [2]], [[3], [4]]]
     assert plan_rows([5, 3, 4, 2, 1], budget=10, pack=False) == [[[0], [1]], [[2], [3]], [[4]]]
+    assert plan_rows([5, 3], budget=10, pack=False, min_count=3) == [[[0]], [[1]], []]  # one per stage
     with pytest.raises(ValueError, match="micro_batch_tokens=4"):
         plan_rows([5], budget=4, pack=True)
 

@@ -33,10 +33,12 @@ def lengths(batch: SequenceBatch) -> list[int]:
     return (batch.verify_pos + 1).tolist()
 
 
-def plan_rows(lens: list[int], budget: int, pack: bool, row_tokens: int = 0) -> list[list[list[int]]]:
+def plan_rows(lens: list[int], budget: int, pack: bool, row_tokens: int = 0, min_count: int = 1
+              ) -> list[list[list[int]]]:
     """Micro-batches -> rows -> sequence indices. Packed, rows of `row_tokens` (at least the longest sequence;
     0: the whole budget) take sequences first-fit, in order; unpacked, one each, as long as the longest.
-    Micro-batches hold as many rows as fit in `budget` tokens, spread evenly. Rows shorter than the budget
+    Micro-batches hold as many rows as fit in `budget` tokens, spread evenly over at least `min_count` of
+    them (a pipeline needs one per stage; extra ones are empty). Rows shorter than the budget
     keep attention cost (quadratic in the row) low where there is no varlen attention (the local spec)."""
     longest = max(lens)
     if longest > budget:
@@ -52,9 +54,10 @@ def plan_rows(lens: list[int], budget: int, pack: bool, row_tokens: int = 0) -> 
         else:
             rows.append([i])
             used.append(n)
-    n_mb = -(-len(rows) // (budget // row_len))
+    n_mb = max(-(-len(rows) // (budget // row_len)), min_count)
     per = -(-len(rows) // n_mb)
-    return [rows[s:s + per] for s in range(0, len(rows), per)]
+    plan = [rows[s:s + per] for s in range(0, len(rows), per)]
+    return plan + [[] for _ in range(n_mb - len(plan))]
 
 
 def block_causal_mask(seq: torch.Tensor) -> torch.Tensor:
@@ -67,14 +70,14 @@ def block_causal_mask(seq: torch.Tensor) -> torch.Tensor:
 
 
 def micro_batches(batch: SequenceBatch, per_token: dict[str, torch.Tensor], batching, multiple_of: int = 1,
-                  pad_id: int = 0) -> list[MicroBatch]:
+                  pad_id: int = 0, min_count: int = 1) -> list[MicroBatch]:
     """Split `batch` by `plan_rows` under `batching` (train.micro_batch_tokens, train.pack,
     train.pack_row_tokens); `per_token` tensors [B, L] are carried along as MicroBatch.fields.
     All micro-batches share one shape [R, S] (pipeline schedules need one), empty rows filling the last;
     S is a multiple of `multiple_of` (TP with sequence parallel)."""
     lens = lengths(batch)
-    plan = plan_rows(lens, batching.micro_batch_tokens, batching.pack, batching.pack_row_tokens)
-    S = max(sum(lens[i] for i in row) for rows in plan for row in rows)
+    plan = plan_rows(lens, batching.micro_batch_tokens, batching.pack, batching.pack_row_tokens, min_count)
+    S = max(sum(lens[i] for i in row) for rows in plan for row in rows)  # the first is never empty
     S = -(-S // multiple_of) * multiple_of
     R = max(len(rows) for rows in plan)
     out = []

@@ -167,7 +167,7 @@ def score(chunks, batch: SequenceBatch, vocab, temperature, yes_id, no_id=None, 
     groups = groups or Groups.current()
     batching = batching or _ONE_ROW_EACH
     mbs = micro_batches(batch, {"target": batch.targets.float(), "answer": _answer_field(batch)}, batching,
-                        groups.seq_multiple)
+                        groups.seq_multiple, min_count=groups.pp_size)
     out = score_micro_batches(chunks, mbs, vocab, temperature, yes_id, no_id)
     shape = tuple(batch.targets.shape)
     both = torch.zeros((2,) + shape)
@@ -192,7 +192,8 @@ _ONE_ROW_EACH = SimpleNamespace(micro_batch_tokens=1 << 30, pack=False, pack_row
 class Groups:
     dp: object = None
     pp: object = None
-    seq_multiple: int = 1
+    seq_multiple: int = 1  # sequence length multiple (TP size under sequence parallel)
+    pp_size: int = 1  # at least this many micro-batches
 
     @staticmethod
     def current(sequence_parallel: bool = False) -> "Groups":
@@ -201,4 +202,5 @@ class Groups:
         if not ps.model_parallel_is_initialized():
             return Groups()
         return Groups(ps.get_data_parallel_group(), ps.get_pipeline_model_parallel_group(),
-                      ps.get_tensor_model_parallel_world_size() if sequence_parallel else 1)
+                      ps.get_tensor_model_parallel_world_size() if sequence_parallel else 1,
+                      ps.get_pipeline_model_parallel_world_size())
