@@ -30,7 +30,7 @@ def synthetic_batch(n=12, seed=0, vocab=1000):
                          -torch.rand(n, L, generator=g) * resp)
 
 
-def step_worker(model_dir, tp, pp, vpp, sp, dp, pack, agg, budget=64):
+def step_worker(model_dir, tp, pp, vpp, sp, dp, pack, agg, budget=64, recompute="none"):
     from megatron.core import parallel_state as ps
 
     from rlv_megatron.config import Config, ParallelConfig
@@ -39,7 +39,7 @@ def step_worker(model_dir, tp, pp, vpp, sp, dp, pack, agg, budget=64):
 
     cfg = Config()
     cfg.model.path = str(model_dir)
-    cfg.parallel = ParallelConfig(tp=tp, pp=pp, vpp=vpp, sequence_parallel=sp)
+    cfg.parallel = ParallelConfig(tp=tp, pp=pp, vpp=vpp, sequence_parallel=sp, recompute=recompute)
     cfg.train.micro_batch_tokens, cfg.train.pack, cfg.train.pack_row_tokens = budget, pack, 40
     # Adam turns rounding noise in near-zero gradients into lr-sized updates (m / sqrt(v) ~ sign): with
     # eps=1e-6 such gradients move nothing, so step 2 compares the parallel layouts, not the rounding
@@ -63,9 +63,10 @@ def step_worker(model_dir, tp, pp, vpp, sp, dp, pack, agg, budget=64):
     return out
 
 
-def _run(model_dir, world, tp=1, pp=1, vpp=None, sp=False, pack=True, agg="token_mean", budget=64):
+def _run(model_dir, world, tp=1, pp=1, vpp=None, sp=False, pack=True, agg="token_mean", budget=64,
+         recompute="none"):
     dp = world // (tp * pp)  # budget 64: several micro-batches
-    return run_distributed(step_worker, world, model_dir, tp, pp, vpp, sp, dp, pack, agg, budget)
+    return run_distributed(step_worker, world, model_dir, tp, pp, vpp, sp, dp, pack, agg, budget, recompute)
 
 
 KEYS = ("loss/total", "loss/policy", "loss/verifier", "grad_norm", "policy/clip_fraction", "policy/entropy")
@@ -104,6 +105,12 @@ def test_parallel_step_equals_one_process(qwen, reference, layout):
 @pytest.mark.slow
 def test_packed_equals_unpacked(qwen, reference):
     _assert_same(reference, _run(qwen, 1, pack=False)[0], "unpacked")
+
+
+@pytest.mark.slow
+def test_activation_recompute_changes_nothing(qwen, reference):
+    _assert_same(reference, _run(qwen, 2, tp=2, recompute="full")[0], "tp2 full recompute")
+    _assert_same(reference, _run(qwen, 1, recompute="selective")[0], "selective recompute")
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
-"""Weight sync from a sharded trainer (TP=2, PP=2) to the engine on rank 0: after a train step, vLLM's
-log-probs of a fixed sequence equal Megatron's; and a DP=2 run of the trainer repeats the DP=1 run."""
+"""Weight sync from a sharded trainer (TP=2, PP=2) to the engine on rank 0, and to an engine with vLLM
+TP=2: after a train step, vLLM's log-probs of a fixed sequence equal Megatron's; and a DP=2 run of the
+trainer repeats the DP=1 run."""
 
 import json
 import os
@@ -17,7 +18,7 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def sync_worker(model_dir, out_dir, tp, pp):
+def sync_worker(model_dir, out_dir, tp, pp, rollout_tp=1):
     from rlv_megatron.config import Config, ParallelConfig
     from rlv_megatron.policy import Policy
     from rlv_megatron.rollout.colocate import Placement, stream_weights
@@ -30,6 +31,7 @@ def sync_worker(model_dir, out_dir, tp, pp):
     cfg.parallel = ParallelConfig(tp=tp, pp=pp)
     cfg.optim.lr = 1e-2
     cfg.rollout.dtype, cfg.rollout.max_model_len, cfg.rollout.weight_bucket_mb = "float32", 256, 1
+    cfg.rollout.tensor_parallel_size = rollout_tp
     policy = Policy(cfg)
     place = Placement.current()
     start = policy.export(Path(out_dir) / "start")
@@ -64,9 +66,10 @@ def llama(tmp_path_factory):
     return make_hf_model("llama", tmp_path_factory.mktemp("llama") / "m", seed=5, tie_word_embeddings=True)
 
 
-@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)], ids=["tp2", "pp2"])
-def test_sharded_weight_sync_reaches_the_engine_intact(llama, tmp_path, tp, pp):
-    r = run_distributed(sync_worker, 2, llama, tmp_path, tp, pp)[0]
+@pytest.mark.parametrize("tp,pp,rollout_tp", [(2, 1, 1), (1, 2, 1), (1, 1, 2)],
+                         ids=["tp2", "pp2", "engine_tp2"])
+def test_sharded_weight_sync_reaches_the_engine_intact(llama, tmp_path, tp, pp, rollout_tp):
+    r = run_distributed(sync_worker, tp * pp, llama, tmp_path, tp, pp, rollout_tp)[0]
     after, megatron, before = (torch.tensor(r[k]) for k in ("after", "megatron", "before"))
     assert r["missing"] == [] and r["buckets"] > 1
     assert (after - megatron).abs().max() < 1e-4  # the engine holds the trained weights...
