@@ -27,38 +27,47 @@ def _all_reduce(t: torch.Tensor, group, world: int, op=dist.ReduceOp.SUM) -> tor
     return t
 
 
-def _masked_shard(logits: torch.Tensor, vocab: int, rank: int) -> tuple[torch.Tensor, int]:
-    """The shard in at least fp32, padded-vocabulary columns at a very low logit; the shard's first id."""
+def _real_columns(logits: torch.Tensor, vocab: int, rank: int) -> tuple[torch.Tensor, int]:
+    """The shard's real-vocabulary columns as a view (no copy: the padding is sliced off, not masked), in
+    at least fp32, and the shard's first id. A shard of padding only has zero real columns."""
     n = logits.shape[-1]
     start = rank * n
-    z = logits if logits.dtype == torch.float64 else logits.float()
-    if start + n > vocab:  # this shard holds padding columns
-        z = z.clone()
-        z[..., max(vocab - start, 0):] = torch.finfo(z.dtype).min / 2
-    return z, start
+    z = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+    return z[..., :max(min(n, vocab - start), 0)], start
 
 
 class _TargetLogprob(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, vocab):
         group, rank, world = _tp()
-        z, start = _masked_shard(logits, vocab, rank)
-        m = _all_reduce(z.max(-1).values, group, world, dist.ReduceOp.MAX)
+        z, start = _real_columns(logits, vocab, rank)
+        m = _all_reduce(_row_max(z), group, world, dist.ReduceOp.MAX)
         sumexp = _all_reduce((z - m[..., None]).exp().sum(-1), group, world)
         local = targets - start
         mine = (local >= 0) & (local < z.shape[-1])
-        picked = z.gather(-1, local.clamp(0, z.shape[-1] - 1)[..., None])[..., 0] * mine
+        picked = z.gather(-1, local.clamp(0, max(z.shape[-1] - 1, 0))[..., None])[..., 0] * mine \
+            if z.shape[-1] else torch.zeros_like(m)
         picked = _all_reduce(picked, group, world)
         ctx.save_for_backward(z, m, sumexp, local, mine)
-        ctx.in_dtype = logits.dtype
+        ctx.in_dtype, ctx.width = logits.dtype, logits.shape[-1]
         return picked - m - sumexp.log()
 
     @staticmethod
     def backward(ctx, grad):
         z, m, sumexp, local, mine = ctx.saved_tensors
-        g = (z - m[..., None]).exp_().div_(sumexp[..., None]).mul_(-grad[..., None])
-        g.scatter_add_(-1, local.clamp(0, z.shape[-1] - 1)[..., None], (grad * mine)[..., None])
+        g = torch.zeros(*z.shape[:-1], ctx.width, dtype=z.dtype)
+        real = g[..., :z.shape[-1]]
+        torch.sub(z, m[..., None], out=real)
+        real.exp_().div_(sumexp[..., None]).mul_(-grad[..., None])
+        if z.shape[-1]:
+            real.scatter_add_(-1, local.clamp(0, z.shape[-1] - 1)[..., None], (grad * mine)[..., None])
         return g.to(ctx.in_dtype), None, None
+
+
+def _row_max(z: torch.Tensor) -> torch.Tensor:
+    if z.shape[-1] == 0:  # a shard of padding only: neutral for the MAX all-reduce
+        return torch.full(z.shape[:-1], torch.finfo(z.dtype).min, dtype=z.dtype)
+    return z.max(-1).values
 
 
 def target_logprobs(logits: torch.Tensor, targets: torch.Tensor, vocab: int) -> torch.Tensor:
@@ -70,8 +79,8 @@ def target_logprobs(logits: torch.Tensor, targets: torch.Tensor, vocab: int) -> 
 def entropy(logits: torch.Tensor, vocab: int) -> torch.Tensor:
     """Entropy of the full-vocabulary distribution [...] from the shard [..., V/tp]."""
     group, rank, world = _tp()
-    z, _ = _masked_shard(logits, vocab, rank)
-    m = _all_reduce(z.max(-1).values, group, world, dist.ReduceOp.MAX)
+    z, _ = _real_columns(logits, vocab, rank)
+    m = _all_reduce(_row_max(z), group, world, dist.ReduceOp.MAX)
     e = (z - m[..., None]).exp()
     sums = _all_reduce(torch.stack([e.sum(-1), (e * (z - m[..., None])).sum(-1)]), group, world)
     return sums[0].log() - sums[1] / sums[0]
