@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from rlv_megatron.config import Config, ConfigError
-from rlv_megatron.models.builder import build_model, padded_vocab_size
+from rlv_megatron.models.builder import build_model, padded_vocab_size, resolve_impl
 from rlv_megatron.models.convert import iter_hf_tensors
 from rlv_megatron.models.hf_config import ModelArch, load_arch
 from rlv_megatron.models.hf_io import export_hf, load_hf_weights
@@ -29,6 +29,11 @@ class Policy:
                 raise ConfigError("model.path: a Hugging Face model directory is required (or pass an arch)")
             arch = load_arch(cfg.model.path)
         validate(cfg, arch)
+        if cfg.train.pack and resolve_impl(cfg.model) == "te":
+            # the TE spec's attention is built causal and ignores a block-diagonal mask: packed rows would
+            # attend across sequences. TE needs THD packed sequences (PackedSeqParams), not wired yet.
+            raise ConfigError("train.pack=true with model.impl=te: packed rows need THD sequences under "
+                              "TransformerEngine, not implemented yet; set train.pack=false")
         init_megatron(cfg.parallel, seed=cfg.model.seed)
         self.cfg, self.arch = cfg, arch
         self.model_chunks = build_model(arch, cfg.parallel, cfg.model)
