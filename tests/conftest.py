@@ -5,6 +5,10 @@ import pytest
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# Triton kernels run interpreted in a child pytest started with TRITON_INTERPRET=1 (tests/test_kernels.py)
+if os.environ.get("TRITON_INTERPRET") != "1":
+    collect_ignore = ["interpreted"]
+
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):

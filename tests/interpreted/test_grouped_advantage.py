@@ -1,6 +1,6 @@
-"""kernels/grouped_advantage under the Triton interpreter against the PyTorch reference (fp32)."""
+"""kernels/grouped_advantage under the Triton interpreter against the PyTorch reference (fp32).
+Run by tests/test_kernels.py in a process started with TRITON_INTERPRET=1 (see there)."""
 
-import importlib
 import os
 
 import pytest
@@ -8,22 +8,16 @@ import torch
 
 from rlv_megatron.algos.advantages import compute_advantages
 
+if os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("needs TRITON_INTERPRET=1 from process start (tests/test_kernels.py runs it so)",
+                allow_module_level=True)
+
 
 @pytest.fixture(scope="module")
 def ga():
-    """The kernel module in interpreter mode: TRITON_INTERPRET is read when @triton.jit runs and again at
-    launch. It is restored afterwards so that vLLM engines started later in this process do not see it."""
-    import sys
+    import kernels.grouped_advantage as module
 
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    sys.modules.pop("kernels.grouped_advantage", None)
-    yield importlib.import_module("kernels.grouped_advantage")
-    sys.modules.pop("kernels.grouped_advantage", None)
-    if old is None:
-        os.environ.pop("TRITON_INTERPRET")
-    else:
-        os.environ["TRITON_INTERPRET"] = old
+    return module
 
 
 CASES = {
