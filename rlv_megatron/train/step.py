@@ -50,15 +50,22 @@ def _policy_logprobs(logits, mb, vocab, temperature):
     return target_logprobs(z, mb.fields["target"].long(), vocab), z
 
 
+def token_fields(batch: SequenceBatch) -> dict[str, torch.Tensor]:
+    """What every micro-batch carries: the targets, and 1 at each verification answer position."""
+    answer = torch.zeros_like(batch.targets, dtype=torch.float32)
+    answer[torch.arange(len(batch)), batch.verify_pos] = 1.0
+    return {"target": batch.targets.float(), "answer": answer}
+
+
 def base_fields(batch: SequenceBatch, dp_group=None) -> dict[str, torch.Tensor]:
-    answer = _answer_field(batch)
-    verify_w = torch.zeros_like(answer)
+    fields = token_fields(batch)
+    verify_w = torch.zeros_like(fields["answer"])
     total = batch.verify_weight.sum()
     if dp_group is not None and dist.get_world_size(dp_group) > 1:
         dist.all_reduce(total, group=dp_group)
     verify_w[torch.arange(len(batch)), batch.verify_pos] = batch.verify_weight / total.clamp(min=1)
     resp = batch.response_mask.float()
-    return {"target": batch.targets.float(), "answer": answer, "verify_w": verify_w,
+    return {**fields, "verify_w": verify_w,
             "resp_w": aggregation_weights("token_mean", resp, Totals.of(resp, dp_group))}
 
 
@@ -166,8 +173,7 @@ def score(chunks, batch: SequenceBatch, vocab, temperature, yes_id, no_id=None, 
     group (broadcast from the last pipeline stage). `batching`: train config fields (default: one row each)."""
     groups = groups or Groups.current()
     batching = batching or _ONE_ROW_EACH
-    mbs = micro_batches(batch, {"target": batch.targets.float(), "answer": _answer_field(batch)}, batching,
-                        groups.seq_multiple, min_count=groups.pp_size)
+    mbs = micro_batches(batch, token_fields(batch), batching, groups.seq_multiple, min_count=groups.pp_size)
     out = score_micro_batches(chunks, mbs, vocab, temperature, yes_id, no_id)
     shape = tuple(batch.targets.shape)
     both = torch.zeros((2,) + shape)
@@ -177,12 +183,6 @@ def score(chunks, batch: SequenceBatch, vocab, temperature, yes_id, no_id=None, 
     if groups.pp is not None and dist.get_world_size(groups.pp) > 1:
         dist.all_reduce(both, group=groups.pp)  # only the last stage holds non-zeros
     return both[0], both[1][torch.arange(len(batch)), batch.verify_pos]
-
-
-def _answer_field(batch):
-    a = torch.zeros_like(batch.targets, dtype=torch.float32)
-    a[torch.arange(len(batch)), batch.verify_pos] = 1.0
-    return a
 
 
 _ONE_ROW_EACH = SimpleNamespace(micro_batch_tokens=1 << 30, pack=False, pack_row_tokens=0)
