@@ -148,6 +148,10 @@ class TrainConfig:
     # packed row length; attention within a row costs O(row^2) under the local spec's mask (CPU): keep it a
     # few sequences long there; 0 = one row per micro-batch (for varlen attention)
     pack_row_tokens: int = 256
+    # log-probs for the losses: "fused" applies the output weight to the hidden states in row chunks
+    # (kernels/verifier_loss.py; Triton on GPU), "logits" takes the output layer's [tokens, V/tp] logits
+    logprob_impl: str = "fused"
+    logprob_chunk_mb: float = 256.0  # size of one fp32 logits chunk [rows, V/tp] of the fused path (MiB)
 
 
 @dataclass
@@ -177,6 +181,7 @@ _CHOICES = {
     "algo.loss_agg": ("token_mean", "seq_mean", "constant"),
     "verifier.examples": ("all", "balanced"),
     "verifier.loss": ("full", "yes_no"),
+    "train.logprob_impl": ("fused", "logits"),
     "task.name": ("subset_sum", "math", "gsm8k"),
 }
 
@@ -232,6 +237,8 @@ def validate(cfg: Config, arch=None) -> None:
     if cfg.sft.warmup_steps < 0 or not 0.0 <= cfg.sft.min_lr_ratio <= 1.0:
         raise ConfigError(f"sft.warmup_steps={cfg.sft.warmup_steps}, sft.min_lr_ratio={cfg.sft.min_lr_ratio}: "
                           "need warmup_steps >= 0 and 0 <= min_lr_ratio <= 1")
+    if not cfg.train.logprob_chunk_mb > 0:
+        raise ConfigError(f"train.logprob_chunk_mb={cfg.train.logprob_chunk_mb}: must be > 0")
     if cfg.verifier.lam < 0:
         raise ConfigError(f"verifier.lam={cfg.verifier.lam}: must be >= 0")
     if cfg.algo.advantage in ("grpo", "rloo") and cfg.algo.group_size < 2:

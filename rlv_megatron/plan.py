@@ -10,8 +10,9 @@ schedule's in-flight micro-batches):
                recompute keeps only the layer input (h) plus one layer being recomputed; backward adds
                about two layers' worth of gradients (measured);
                x micro-batch tokens x layers per stage x in-flight micro-batches (min(PP, count))
-  logits       micro-batch tokens x vocab/TP x (param_bytes + 2 x 4): the output, its fp32 copy and
-               the softmax the vocab-parallel log-prob keeps for backward
+  logits       train.logprob_impl=fused (default): two fp32 chunks of train.logprob_chunk_mb at most and the
+               fp32 output-weight gradient vocab/TP x h x 4; =logits: micro-batch tokens x vocab/TP x
+               (param_bytes + 2 x 4), the output, its fp32 copy and the softmax kept for backward
   engine       vLLM takes rollout.gpu_memory_utilization of the GPU: its weights (bf16 / rollout TP), the
                rest KV cache (2 x layers x kv_heads x head_dim x 2 bytes per token / rollout TP), which sets
                how many of the replica's sequences decode at once at full length; with sleep mode the engine's
@@ -145,7 +146,9 @@ def estimate(cfg: Config, arch: ModelArch, device: Device, world_size: int, mfu:
     act = per_token * pbytes * T * layers_per_stage * in_flight + one_layer * (1 if par.recompute == "full" else 2)
     m["activations"] = act
     if pp == 1:
-        m["logits"] = T * vpad / tp * (pbytes + 2 * 4)
+        full = T * vpad / tp
+        m["logits"] = min(2 * tr.logprob_chunk_mb * 2**20, 2 * full * 4) + vpad / tp * arch.hidden_size * 4 \
+            if tr.logprob_impl == "fused" else full * (pbytes + 2 * 4)
     else:
         plan.notes.append("logits live on the last stage; the first stage (shown) holds the embedding")
     train_total = sum(m.values())

@@ -12,6 +12,7 @@ from rlv_megatron.models.builder import build_model, padded_vocab_size, resolve_
 from rlv_megatron.models.convert import iter_hf_tensors
 from rlv_megatron.models.hf_config import ModelArch, load_arch
 from rlv_megatron.models.hf_io import export_hf, load_hf_weights
+from rlv_megatron.train.heads import FusedSpec, emit_hidden_states
 from rlv_megatron.train.packing import micro_batches
 from rlv_megatron.train.step import Groups, Objective, reduce_stats, run_schedule
 from rlv_megatron.verifier import SequenceBatch
@@ -42,11 +43,17 @@ class Policy:
                             padded_vocab_size(arch.vocab_size, cfg.model.make_vocab_size_divisible_by,
                                               cfg.parallel.tp))
         self.vocab = arch.vocab_size
+        self._use_head(self.model_chunks)
         self.groups = Groups.current(cfg.parallel.sequence_parallel)
         self.tp_group = ps.get_tensor_model_parallel_group()
         self.chunks = self._wrap_ddp(self.model_chunks)
         self.optimizer = self._make_optimizer(cfg.optim.lr)
         self.reference = None  # frozen chunks for the KL term; see freeze_reference
+
+    def _use_head(self, chunks) -> None:
+        if self.cfg.train.logprob_impl == "fused":
+            for c in chunks:
+                emit_hidden_states(c, FusedSpec(self.cfg.train.logprob_chunk_mb, use_triton=None))
 
     @property
     def model(self) -> torch.nn.Module:
@@ -97,14 +104,14 @@ class Policy:
                             min_count=self.groups.pp_size)
         scale = len(mbs) * ps.get_data_parallel_world_size()  # undo megatron's mean over both
 
-        def on_logits(logits, mb):
-            loss, stats = objective.loss(logits, mb)
+        def on_head(head, mb):
+            loss, stats = objective.loss(head, mb)
             return loss * scale, stats
 
         for c in self.chunks:
             c.zero_grad_buffer()
         self.optimizer.zero_grad()
-        out = run_schedule(self.chunks, mbs, on_logits, forward_only=False)
+        out = run_schedule(self.chunks, mbs, on_head, forward_only=False, vocab=objective.vocab)
         ok, grad_norm, _ = self.optimizer.step()
         if not ok:
             raise FloatingPointError("optimizer step skipped: non-finite gradients")
@@ -120,6 +127,7 @@ class Policy:
         for ref, cur in zip(self.reference, self.model_chunks):
             ref.load_state_dict(cur.state_dict())
             ref.eval().requires_grad_(False)
+        self._use_head(self.reference)
 
     def hf_tensors(self):
         """HF-named full tensors of this rank's pipeline stage(s) (TP shards gathered: collective over TP)."""

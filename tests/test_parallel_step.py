@@ -161,6 +161,7 @@ def reference_worker(model_dir, agg):
     from rlv_megatron.algos.losses import policy_loss, verifier_loss
     from rlv_megatron.config import Config
     from rlv_megatron.policy import Policy
+    from rlv_megatron.train.heads import output_logits
     from rlv_megatron.train.step import rl_objective, score, sft_objective
 
     cfg = Config()
@@ -170,7 +171,7 @@ def reference_worker(model_dir, agg):
     cfg.optim.lr = 0.0  # both objectives see the same weights
     policy = Policy(cfg)
     batch = synthetic_batch()
-    with torch.no_grad():
+    with torch.no_grad(), output_logits(policy.model):
         logits = policy.model(batch.tokens, torch.arange(batch.tokens.shape[1]).expand_as(batch.tokens), None)
     logits = logits[..., :policy.vocab].double()
     lp_t = torch.log_softmax(logits / 0.7, -1).gather(-1, batch.targets[..., None])[..., 0]

@@ -19,6 +19,7 @@ def _two_steps(out_dir):
     from rlv_megatron.tasks.chat import ChatFormat
     from rlv_megatron.tasks.registry import make_task
     from rlv_megatron.train.loop import rl_step
+    from rlv_megatron.train.heads import output_logits
 
     cfg = Config()
     cfg.rollout.dtype, cfg.rollout.max_model_len = "float32", 128
@@ -34,7 +35,7 @@ def _two_steps(out_dir):
     seq = fmt.prompt_ids(task.eval[0].prompt) + task.tokenizer.encode("12+34=46", add_special_tokens=False)
 
     def megatron_lp():
-        with torch.no_grad():
+        with torch.no_grad(), output_logits(policy.model):
             t = torch.tensor([seq])
             logits = policy.model(t, torch.arange(len(seq))[None], None)[0, :, :policy.vocab]
             return torch.log_softmax(logits, -1)[:-1].gather(-1, t[0, 1:, None])[:, 0]

@@ -1,7 +1,9 @@
 """The policy's forward/backward on micro-batches, through megatron-core's pipeline schedules at any TP/PP/DP.
 
-Losses are computed from vocabulary-parallel logits (train/vocab_parallel.py) and written as per-token values
-times weights fixed for the whole mini-batch (algos/losses.py), so the loss of a mini-batch is the plain sum
+Losses take log-probabilities from a head (train/heads.py): by default the fused chunked kernel over the final
+hidden states and the output weight (kernels/verifier_loss.py), else vocabulary-parallel logits
+(train/vocab_parallel.py). They are written as per-token values times weights fixed for the whole
+mini-batch (algos/losses.py), so the loss of a mini-batch is the plain sum
 over its micro-batches and data-parallel ranks, whatever the split:
 
     RL^V:  sum_t w_t * ppo_t  +  lambda * sum_i u_i * CE_i(Yes/No)     u_i = verify weight / its global sum
@@ -14,7 +16,6 @@ ranks; `train_step` multiplies both back, so the gradient is that of the sum.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 from types import SimpleNamespace
 from typing import Callable
 
@@ -22,32 +23,26 @@ import torch
 import torch.distributed as dist
 
 from rlv_megatron.algos.losses import Totals, aggregation_weights, ppo_terms, verifier_ce
+from rlv_megatron.train.heads import make_head
 from rlv_megatron.train.packing import MicroBatch, micro_batches, scatter_back
-from rlv_megatron.train.vocab_parallel import entropy, target_logprobs
 from rlv_megatron.verifier import SequenceBatch
 
 
 @dataclass
 class Objective:
-    """What a micro-batch's loss needs: the per-token fields to carry and the loss from logits."""
+    """What a micro-batch's loss needs: the per-token fields to carry and the loss from a head (heads.py)."""
     fields: dict[str, torch.Tensor]  # [B, L] per token
-    loss: Callable[[torch.Tensor, MicroBatch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+    loss: Callable[[object, MicroBatch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
     stats: tuple[str, ...]  # keys of the summed statistics the loss reports
+    vocab: int  # real vocabulary size (Megatron pads the output layer past it)
 
 
-def _answer_logprobs(logits, mb, vocab, yes_id, no_id):
+def _answer_logprobs(head, mb, yes_id, no_id):
     """Full-vocabulary log-probs of (label, Yes, No) at the verification answer positions, [n] each."""
     at = mb.fields["answer"] > 0
-    z = logits[at]
-    ids = torch.tensor([yes_id, no_id])
-    lp = target_logprobs(z[:, None, :].expand(-1, 3, -1),
-                         torch.cat([mb.fields["target"][at].long()[:, None], ids.expand(len(z), 2)], 1), vocab)
+    label = mb.fields["target"][at].long()[:, None]
+    lp = head.answer_logprobs(at, torch.cat([label, torch.tensor([yes_id, no_id]).expand(len(label), 2)], 1))
     return at, lp[:, 0], lp[:, 1], lp[:, 2]
-
-
-def _policy_logprobs(logits, mb, vocab, temperature):
-    z = logits if temperature == 1.0 else logits / temperature
-    return target_logprobs(z, mb.fields["target"].long(), vocab), z
 
 
 def token_fields(batch: SequenceBatch) -> dict[str, torch.Tensor]:
@@ -80,42 +75,42 @@ def rl_objective(batch: SequenceBatch, old_logp, algo, ver, vocab, yes_id, no_id
               "rollout_logp": batch.rollout_logp,
               "ref_logp": old_logp if ref_logp is None else ref_logp}
 
-    def loss(logits, mb):
+    def loss(head, mb):
         f = mb.fields
-        logp, z = _policy_logprobs(logits, mb, vocab, algo.temperature)
+        logp, ent = head.token_logprobs(f["target"].long(), algo.temperature, with_entropy=True)
         t = ppo_terms(logp, f["old_logp"], f["adv"], algo.clip_low, algo.clip_high, f["rollout_logp"],
                       algo.tis_cap, f["ref_logp"] if ref_logp is not None else None, algo.kl_beta)
         pol_loss = (t.loss * f["w"]).sum()
-        at, lp_label, lp_yes, lp_no = _answer_logprobs(logits, mb, vocab, yes_id, no_id)
+        at, lp_label, lp_yes, lp_no = _answer_logprobs(head, mb, yes_id, no_id)
         ver_loss = (verifier_ce(lp_label, lp_yes, lp_no, ver.loss) * f["verify_w"][at]).sum()
         total = pol_loss + ver.lam * ver_loss if ver.lam > 0 else pol_loss
         tw = f["tok_w"]
         stats = {"loss/total": total, "loss/policy": pol_loss, "loss/verifier": ver_loss,
                  "policy/clip_fraction": (t.clipped * tw).sum(), "policy/ratio_mean": (t.ratio * tw).sum(),
                  "policy/kl_to_reference": (t.kl * tw).sum(),
-                 "policy/entropy": (entropy(z.detach(), vocab) * f["resp_w"]).sum()}
+                 "policy/entropy": (ent * f["resp_w"]).sum()}
         return total, stats
 
     return Objective(fields, loss, ("loss/total", "loss/policy", "loss/verifier", "policy/clip_fraction",
-                                    "policy/ratio_mean", "policy/kl_to_reference", "policy/entropy"))
+                                    "policy/ratio_mean", "policy/kl_to_reference", "policy/entropy"), vocab)
 
 
 def sft_objective(batch: SequenceBatch, vocab, yes_id, no_id, verifier_mode, dp_group=None) -> Objective:
     pol = batch.policy_mask.float()
     fields = {**base_fields(batch, dp_group), "w": aggregation_weights("token_mean", pol, Totals.of(pol, dp_group))}
 
-    def loss(logits, mb):
-        logp = target_logprobs(logits, mb.fields["target"].long(), vocab)
+    def loss(head, mb):
+        logp, _ = head.token_logprobs(mb.fields["target"].long())
         token_ce = -(logp * mb.fields["w"]).sum()
-        at, lp_label, lp_yes, lp_no = _answer_logprobs(logits, mb, vocab, yes_id, no_id)
+        at, lp_label, lp_yes, lp_no = _answer_logprobs(head, mb, yes_id, no_id)
         ver_ce = (verifier_ce(lp_label, lp_yes, lp_no, verifier_mode) * mb.fields["verify_w"][at]).sum()
         return token_ce + ver_ce, {"sft/token_ce": token_ce, "sft/verifier_ce": ver_ce}
 
-    return Objective(fields, loss, ("sft/token_ce", "sft/verifier_ce"))
+    return Objective(fields, loss, ("sft/token_ce", "sft/verifier_ce"), vocab)
 
 
-def run_schedule(chunks, mbs: list[MicroBatch], on_logits, forward_only: bool) -> list | None:
-    """megatron's forward(-backward) over the micro-batches; on the last pipeline stage, [on_logits(logits, mb)
+def run_schedule(chunks, mbs: list[MicroBatch], on_head, forward_only: bool, vocab: int) -> list | None:
+    """megatron's forward(-backward) over the micro-batches; on the last pipeline stage, [on_head(head, mb)
     per micro-batch] (for training, each a (loss, stats) pair), elsewhere None."""
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -125,8 +120,8 @@ def run_schedule(chunks, mbs: list[MicroBatch], on_logits, forward_only: bool) -
         positions = torch.arange(mb.tokens.shape[1]).expand_as(mb.tokens)
         out = model(mb.tokens, positions, mb.attention_mask)
         if forward_only:
-            return out, lambda logits, non_loss_data=True: on_logits(logits, mb)
-        return out, partial(on_logits, mb=mb)
+            return out, lambda output, non_loss_data=True: on_head(make_head(model, output, vocab), mb)
+        return out, lambda output: on_head(make_head(model, output, vocab), mb)
 
     vpp = len(chunks)
     iters = [iter(mbs) for _ in range(vpp)] if vpp > 1 else iter(mbs)
@@ -158,14 +153,14 @@ def yes_score_from_logprobs(lp_yes: torch.Tensor, lp_no: torch.Tensor | None = N
 def score_micro_batches(chunks, mbs, vocab, temperature, yes_id, no_id=None):
     """Per token, the target's log-prob at `temperature`; at answer positions, the verifier score: P("Yes"),
     or renormalised over {Yes, No} when `no_id` is given (as verifier.yes_score)."""
-    def on_logits(logits, mb):
-        logp, _ = _policy_logprobs(logits, mb, vocab, temperature)
-        at, _, lp_yes, lp_no = _answer_logprobs(logits, mb, vocab, yes_id, yes_id if no_id is None else no_id)
+    def on_head(head, mb):
+        logp, _ = head.token_logprobs(mb.fields["target"].long(), temperature)
+        at, _, lp_yes, lp_no = _answer_logprobs(head, mb, yes_id, yes_id if no_id is None else no_id)
         score = torch.zeros_like(logp)
         score[at] = yes_score_from_logprobs(lp_yes, None if no_id is None else lp_no)
         return logp, score
 
-    return run_schedule(chunks, mbs, on_logits, forward_only=True)
+    return run_schedule(chunks, mbs, on_head, forward_only=True, vocab=vocab)
 
 
 def score(chunks, batch: SequenceBatch, vocab, temperature, yes_id, no_id=None, batching=None, groups=None):
