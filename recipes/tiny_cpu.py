@@ -13,20 +13,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import hydra  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
 
-from rlv_megatron.hydra_app import register_schema  # noqa: E402
+from rlv_megatron.hydra_app import register_schema, run_recipe  # noqa: E402
 
 register_schema()
 
 
 @hydra.main(version_base="1.3", config_path="../rlv_megatron/conf", config_name="tiny_cpu")
 def main(cfg: DictConfig) -> None:
-    from rlv_megatron.run import run
-
-    path = run(OmegaConf.to_object(cfg))
-    if path is not None:  # global rank 0 of a parallel run
-        print(path)
+    run_recipe(cfg)
 
 
 if __name__ == "__main__":

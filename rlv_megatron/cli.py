@@ -94,6 +94,31 @@ def _cmd_plan(args) -> int:
     return 0
 
 
+def _cmd_eval(args) -> int:
+    from pathlib import Path
+
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from rlv_megatron.config import ConfigError
+    from rlv_megatron.eval.app import EvalError, run
+    from rlv_megatron.eval.pool_io import PoolError
+    from rlv_megatron.hydra_app import compose
+    from rlv_megatron.tasks.math_data import DataError
+    from rlv_megatron.train.checkpoint import CheckpointError
+
+    if args.model is not None and "=" in args.model and not Path(args.model).exists():
+        args.overrides, args.model = [args.model, *args.overrides], None  # an override, not a model
+    try:
+        cfg = compose(args.config_name, args.overrides)
+        print(run(cfg, args.model, args.pool, args.baseline, args.out, args.model_dir))
+    except (ConfigError, DataError, PoolError, EvalError, CheckpointError, HydraException,
+            OmegaConfBaseException) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rlv", description="RL^V on megatron-core + vLLM: the policy is its own verifier.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -123,6 +148,21 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--gpus", type=int, default=8, help="world size (GPUs in the run)")
     pl.add_argument("overrides", nargs="*", help="config fields, e.g. parallel.tp=4 parallel.recompute=full")
     pl.set_defaults(func=_cmd_plan, allow_overrides=True)
+    ev = sub.add_parser("eval", help="test-time scaling: sample a pool, score it with the model's own P(Yes), "
+                        "pass@k / majority / weighted / best-of, sequential scaling; or recompute from --pool")
+    ev.add_argument("model", nargs="?", default=None,
+                    help="Hugging Face model directory, or a checkpoint (a step_* directory or a checkpoints/ root)")
+    ev.add_argument("--pool", default=None, help="recompute the metrics of this pool file (jsonl), no sampling")
+    ev.add_argument("--baseline", default=None,
+                    help="a baseline's pool file: compute efficiency (samples its majority vote needs)")
+    ev.add_argument("--out", default=None, help="output directory (default: eval.out_dir)")
+    ev.add_argument("--model-dir", default=None,
+                    help="checkpoints only: HF directory with the architecture and tokenizer "
+                    "(default: the run's start/)")
+    ev.add_argument("--config-name", default="eval", help="config in rlv_megatron/conf (default: eval)")
+    ev.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. task.eval_path=FILE eval.samples=64 "
+                    "eval.budgets=[512,1024]")
+    ev.set_defaults(func=_cmd_eval, allow_overrides=True)
     return p
 
 

@@ -132,6 +132,12 @@ class EvalConfig:
     subsets: int = 100
     seed: int = 12345
     before_rl: bool = False  # also evaluate the warm-started model
+    # `rlv eval` only (rlv_megatron/eval/): generation-length budgets (None: algo.max_tokens); every sample is
+    # drawn once at the largest and truncated for the others, which is a sample at that budget
+    budgets: Optional[list[int]] = None
+    taus: list[float] = field(default_factory=lambda: [0.5, 0.6, 0.7, 0.8, 0.9, 0.95])  # adaptive length
+    strategy_k: Optional[int] = None  # k of "the best strategy per budget" (None: the pool size N)
+    out_dir: str = "runs/eval"
 
 
 @dataclass

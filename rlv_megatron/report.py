@@ -8,7 +8,7 @@ from pathlib import Path
 _K = re.compile(r"^(pass|majority|weighted|best_of|weighted_likelihood|best_of_likelihood)@(\d+)$")
 
 
-def _by_k(final: dict) -> dict[str, dict[int, float]]:
+def by_k(final: dict) -> dict[str, dict[int, float]]:
     series: dict[str, dict[int, float]] = {}
     for key, v in final.items():
         m = _K.match(key)
@@ -18,7 +18,7 @@ def _by_k(final: dict) -> dict[str, dict[int, float]]:
 
 
 def table(final: dict) -> str:
-    series = _by_k(final)
+    series = by_k(final)
     ks = sorted({k for s in series.values() for k in s})
     names = [n for n in ("pass", "majority", "weighted", "best_of", "weighted_likelihood", "best_of_likelihood")
              if n in series]
@@ -32,7 +32,7 @@ def table(final: dict) -> str:
 
 def headline(final: dict) -> str:
     """One line: what the verifier bought at the largest k (weighted vote over majority vote)."""
-    n = max(_by_k(final).get("weighted", {0: None}))
+    n = max(by_k(final).get("weighted", {0: None}))
     if not n:
         return ""
     gain = 100 * (final[f"weighted@{n}"] - final[f"majority@{n}"])
@@ -55,7 +55,7 @@ def plot(history: list[dict], final: dict, path: Path) -> None:
             ax.plot(*zip(*pts))
         ax.set_title(key)
         ax.set_xlabel("RL step")
-    for name, pts in _by_k(final).items():
+    for name, pts in by_k(final).items():
         ks = sorted(pts)
         axes[2].plot(ks, [pts[k] for k in ks], marker="o", label=name)
     axes[2].set_xscale("log", base=2)

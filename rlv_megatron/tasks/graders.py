@@ -3,6 +3,8 @@
 Graders are plain functions `(response_text, gold_answer) -> float` (1.0 or 0.0). math-verify (sympy) can
 hang or crash on adversarial model output, and it uses signal.alarm, so it cannot run in threads: the pool
 runs graders in worker processes and enforces time limits itself, killing and replacing stuck workers.
+The pool also maps other registered two-argument functions (`GraderPool.map`: any picklable result), e.g.
+the canonical answer keys of rlv_megatron/eval/equivalence.py.
 """
 
 from __future__ import annotations
@@ -195,7 +197,7 @@ def _worker_main(conn, module: str, qualname: str) -> None:
             return
         idx, response, gold = msg
         try:
-            out = ("ok", idx, float(fn(response, gold)))
+            out = ("ok", idx, fn(response, gold))
         except BaseException as e:  # SystemExit too: one bad item must not take the worker down
             out = ("error", idx, f"{type(e).__name__}: {e}")
         conn.send(out)
@@ -273,20 +275,31 @@ class GraderPool:
 
     def grade(self, responses: list[str], golds: list[str]) -> tuple[list[float], dict]:
         """Scores (0.0 for timed-out or failed items) and {"graded": n, "timeouts": t, "errors": e}."""
+        values, stats = self.map(responses, golds)
+        scores = [0.0] * len(values)
+        for i, v in enumerate(values):
+            try:
+                scores[i] = 0.0 if v is None else float(v)
+            except (TypeError, ValueError):  # a grader that returned something other than a number
+                stats["errors"] += 1
+        return scores, stats
+
+    def map(self, responses: list[str], golds: list[str]) -> tuple[list, dict]:
+        """The function's results as returned (None for timed-out or failed items), and the stats of grade()."""
         if not self._finalizer.alive:
             raise RuntimeError("GraderPool is closed")
         if len(responses) != len(golds):
             raise ValueError(f"{len(responses)} responses but {len(golds)} golds")
         try:
-            return self._grade(responses, golds)
+            return self._map(responses, golds)
         except BaseException:
             # Workers may still be busy with this batch; their late results must not reach the next one.
             self.close()
             raise
 
-    def _grade(self, responses: list[str], golds: list[str]) -> tuple[list[float], dict]:
+    def _map(self, responses: list[str], golds: list[str]) -> tuple[list, dict]:
         n = len(responses)
-        scores = [0.0] * n
+        values = [None] * n
         stats = {"graded": n, "timeouts": 0, "errors": 0}
         pending = deque(range(n))
         ws = self._workers
@@ -314,7 +327,7 @@ class GraderPool:
                     if kind == "ready":
                         w.ready = True
                     elif kind == "ok":
-                        scores[idx] = val
+                        values[idx] = val
                         w.item, w.deadline = None, math.inf
                     elif kind == "error":
                         stats["errors"] += 1
@@ -332,4 +345,4 @@ class GraderPool:
                     self._replace(i)  # a running call cannot be cancelled: kill the process
                 elif not w.ready and now >= w.started + _START_TIMEOUT_S:
                     raise RuntimeError(f"grader worker for {self.grader!r} not ready in {_START_TIMEOUT_S}s")
-        return scores, stats
+        return values, stats

@@ -10,7 +10,7 @@ from typing import Iterator
 
 from rlv_megatron.tasks.graders import extract_boxed, extract_gsm8k
 
-__all__ = ["DataError", "Problem", "load_gsm8k", "load_math", "read_rows"]
+__all__ = ["DataError", "Problem", "iter_rows", "load_gsm8k", "load_math", "read_rows"]
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ class Problem:
     source: str  # grader / dataset family: "math" or "gsm8k"
 
 
-def _iter_rows(path: str | Path) -> Iterator[tuple[int, dict]]:
+def iter_rows(path: str | Path) -> Iterator[tuple[int, dict]]:
     """(line number, row) pairs; for parquet the 'line' is the 1-based row number."""
     path = Path(path)
     if not path.is_file():
@@ -59,7 +59,7 @@ def _iter_rows(path: str | Path) -> Iterator[tuple[int, dict]]:
 
 def read_rows(path: str | Path) -> list[dict]:
     """All rows of a .jsonl (blank lines skipped) or .parquet file; DataError on bad files or lines."""
-    return [row for _, row in _iter_rows(path)]
+    return [row for _, row in iter_rows(path)]
 
 
 def _text(row: dict, field: str) -> str | None:
@@ -73,7 +73,7 @@ def _text(row: dict, field: str) -> str | None:
 def _load(path: str | Path, parse_row, source: str, skip_invalid: bool) -> list[Problem]:
     path = Path(path)
     out, skipped = [], []
-    for lineno, row in _iter_rows(path):
+    for lineno, row in iter_rows(path):
         try:
             out.append(Problem(*parse_row(row, path, lineno), source=source))
         except DataError as e:

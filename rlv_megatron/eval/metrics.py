@@ -1,0 +1,90 @@
+"""Every metric of `rlv eval` from pools of rows (pool_io), per length budget, plus the sequential ones and
+the compute-efficiency factor against a baseline pool."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from rlv_megatron import scaling
+from rlv_megatron.config import ConfigError, EvalConfig
+from rlv_megatron.eval import sequential
+from rlv_megatron.eval.equivalence import AnswerKeys
+
+
+def samples_to_reach(curve: dict[int, float], target: float) -> float | None:
+    """Smallest k at which `curve` (accuracy by k) reaches `target`, linear in log2 k between the measured
+    ks; None when it never does."""
+    ks = sorted(curve)
+    if curve[ks[0]] >= target:
+        return float(ks[0])
+    for lo, hi in zip(ks, ks[1:]):
+        a, b = curve[lo], curve[hi]
+        if b >= target:
+            t = (target - a) / (b - a)  # b > a here: a < target <= b
+            return float(2 ** (math.log2(lo) + t * (math.log2(hi) - math.log2(lo))))
+    return None
+
+
+def efficiency(metrics: dict, baseline: dict) -> dict[int, dict]:
+    """Per k: how many times more samples the baseline's majority vote needs to reach this weighted@k
+    (factor None: not reached within the baseline's pool)."""
+    majority = scaling_curve(baseline, "majority")
+    out = {}
+    for k, acc in sorted(scaling_curve(metrics, "weighted").items()):
+        need = samples_to_reach(majority, acc)
+        out[k] = {"weighted": acc, "baseline_samples": need, "factor": None if need is None else need / k}
+    return out
+
+
+def scaling_curve(metrics: dict, name: str) -> dict[int, float]:
+    return {int(key.split("@")[1]): v for key, v in metrics.items() if key.split("@")[0] == name and "@" in key}
+
+
+def _samples(pool: list[list[dict]], votes: list[list]) -> list[list[scaling.Sample]]:
+    likelihood = all(r.get("logprob_mean") is not None for rows in pool for r in rows)
+    return [[scaling.Sample(v, r["correct"], float(r["score"]), r["logprob_mean"] if likelihood else None)
+             for r, v in zip(rows, vs)] for rows, vs in zip(pool, votes)]
+
+
+def budget_label(budget: int | None) -> str:
+    return "pool" if budget is None else str(budget)
+
+
+def pool_report(pools: dict[int | None, list[list[dict]]], cfg: EvalConfig, keys: AnswerKeys,
+                baseline: dict[int | None, list[list[dict]]] | None = None) -> dict:
+    """{"budgets": {label: metrics}, "best_strategy": {label: ...}, "adaptive": [...] (two budgets or more),
+    "efficiency": {label: {k: ...}} (with a baseline, per budget both pools have), "grouping": stats}."""
+    report: dict = {"budgets": {}, "best_strategy": {}}
+    samples, lengths = {}, {}
+    for budget, pool in pools.items():
+        task = pool[0][0].get("task") or "math"  # the default of `rlv eval`
+        votes = keys.vote_keys(task, pool)
+        samples[budget] = _samples(pool, votes)
+        lengths[budget] = [[r["length"] for r in rows] for rows in pool]
+        n = len(pool[0])
+        k = cfg.strategy_k or n
+        if not 1 <= k <= n:
+            raise ConfigError(f"eval.strategy_k={k}: must be between 1 and the pool size N={n}")
+        ks = sorted(set(scaling.powers_of_two_up_to(n)) | {k})
+        m = scaling.evaluate(samples[budget], ks, subsets=cfg.subsets, seed=cfg.seed)
+        m["samples"] = n
+        m["mean_length"] = float(np.mean(lengths[budget]))
+        m["answers_per_problem"] = float(np.mean([len({r["answer"] for r in rows} - {None}) for rows in pool]))
+        m["groups_per_problem"] = float(np.mean([len(set(v) - {None}) for v in votes]))
+        report["budgets"][budget_label(budget)] = m
+        report["best_strategy"][budget_label(budget)] = sequential.best_strategy(m, k)
+    numeric = {b: s for b, s in samples.items() if b is not None}
+    if len(numeric) >= 2:
+        report["adaptive"] = sequential.adaptive(numeric, {b: lengths[b] for b in numeric}, cfg.taus)
+    if baseline is not None:
+        base = pool_report(baseline, cfg, keys)["budgets"]
+        common = [b for b in report["budgets"] if b in base]
+        if not common:
+            raise ValueError(f"the baseline pool has budgets {sorted(base)}, this pool {sorted(report['budgets'])}: "
+                             "none in common")
+        report["efficiency"] = {b: efficiency(report["budgets"][b], base[b]) for b in common}
+        report["baseline"] = base
+    report["grouping"] = dict(keys.stats)
+    return report
