@@ -1,4 +1,5 @@
-"""Step metrics: TensorBoard scalars, phase timers, and the verifier's quality on a step's rollouts."""
+"""Step metrics: TensorBoard scalars (with the dashboards' layout and GPU samples), phase timers, and the
+verifier's quality on a step's rollouts."""
 
 from __future__ import annotations
 
@@ -10,13 +11,20 @@ from collections import defaultdict
 
 class Metrics:
     def __init__(self, logdir: str | None, jsonl: str | None = None):
-        """TensorBoard scalars under `logdir`; also one JSON line per log call appended to `jsonl`."""
+        """TensorBoard scalars under `logdir` (with the custom-scalars layout, a "gpu" text note and gpu/*
+        samples where NVML sees a GPU); also one JSON line per log call appended to `jsonl`."""
         self.jsonl = jsonl
         self.writer = None
+        self.gpu, self.gpu_note = None, None
         if logdir is not None:
             from torch.utils.tensorboard import SummaryWriter
 
+            from rlv_megatron import dashboards
+
             self.writer = SummaryWriter(logdir)
+            self.writer.add_custom_scalars(dashboards.layout())
+            self.gpu, self.gpu_note = dashboards.open_gpu_monitor()
+            self.writer.add_text("gpu", self.gpu_note, 0)
         self.times: dict[str, float] = defaultdict(float)
         self.history: list[dict] = []
 
@@ -29,7 +37,8 @@ class Metrics:
             self.times[phase] += time.perf_counter() - t0
 
     def log(self, step: int, values: dict) -> dict:
-        values = {**values, **{f"time/{k}": v for k, v in self.times.items()}}
+        values = {**values, **{f"time/{k}": v for k, v in self.times.items()},
+                  **(self.gpu.read() if self.gpu is not None else {})}
         self.times.clear()
         if self.writer is not None:
             for k, v in values.items():
@@ -43,6 +52,9 @@ class Metrics:
         return values
 
     def close(self) -> None:
+        if self.gpu is not None:
+            self.gpu.close()
+            self.gpu = None
         if self.writer is not None:
             self.writer.close()
 

@@ -11,10 +11,12 @@ import torch
 from tqdm import tqdm
 
 from kernels.grouped_advantage import grouped_advantages
+from rlv_megatron import dashboards
 from rlv_megatron.algos.advantages import informative_groups
 from rlv_megatron.rollout.colocate import Placement, dp_mean, my_share, share_from_engine, stream_weights
 from rlv_megatron.evaluate import evaluate
 from rlv_megatron.metrics import verifier_quality
+from rlv_megatron.plan import total_params
 from rlv_megatron.train import checkpoint
 from rlv_megatron.train.seeds import step_seed
 from rlv_megatron.train.step import rl_objective, score
@@ -54,7 +56,7 @@ def collect_rollouts(step, engine, task, fmt, cfg, metrics, place: Placement) ->
                             task.tokenizer.pad_token_id, rollout_logps=[s.logprobs for _, s in flat])
     lengths = [len(s.token_ids) for _, s in flat]
     stats = {"grader/timeouts": grade_stats.get("timeouts", 0), "grader/errors": grade_stats.get("errors", 0),
-             "response/length_mean": sum(lengths) / len(lengths),
+             "response/length_mean": sum(lengths) / len(lengths), "throughput/generated_tokens": sum(lengths),
              "throughput/rollout_tokens": sum(lengths) + sum(len(p) for p in prompts) * a.group_size}
     return Rollouts(batch, r, group_ids, stats)
 
@@ -82,15 +84,20 @@ def rl_step(step, policy, engine, task, fmt, cfg, metrics, place: Placement = Pl
                     None if ref_logp is None else ref_logp[idx], policy.groups.dp))
     with metrics.timer("sync"):
         weights = stream_weights(policy, place)
-        sync_seconds = engine.update_weights(weights).seconds if place.owns_engine else drain(weights)
+        if place.owns_engine:
+            sync = engine.update_weights(weights)
+            sync_seconds, sync_gb = sync.seconds, sync.bytes / 1e9
+        else:
+            sync_seconds, sync_gb = drain(weights), 0.0
     m = batch.response_mask
     gap = ((old_logp - batch.rollout_logp).abs() * m).sum() / m.sum().clamp(min=1)
     rollout_stats = dp_mean({"reward/mean": r.mean().item(), "reward/informative_groups": keep.float().mean().item(),
                              "policy/train_rollout_logprob_gap": gap.item(), **ro.stats,
+                             "throughput/sequence_tokens": (batch.verify_pos + 1).sum().item(),  # one pass
                              **verifier_quality(p_yes.tolist(), [x >= 1.0 for x in r.tolist()],
                                                 group_ids.tolist())}, place)
     return {**rollout_stats, "reward/pass@1": rollout_stats["reward/mean"], "sync/seconds": sync_seconds,
-            **train_stats}
+            "sync/gb": sync_gb, **train_stats}
 
 
 def drain(iterator) -> float:
@@ -106,11 +113,21 @@ def train(policy, engine, task, fmt, cfg, metrics, out_dir: Path, start_step: in
     evals = []
     place = Placement.current()
     lead = place.owns_engine and place.dp_rank == 0  # global rank 0: logs and evaluates
+    gpus = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    peak = dashboards.peak_tflops(torch.cuda.get_device_name() if torch.cuda.is_available() else None)
+    params, scoring_passes = total_params(policy.arch), 1 + (policy.reference is not None)
     for step in tqdm(range(start_step, cfg.train.steps), desc="rl", mininterval=5,
                      initial=start_step, total=cfg.train.steps, disable=not lead):
         values = rl_step(step, policy, engine, task, fmt, cfg, metrics, place)
         phases = sum(v for k, v in metrics.times.items())
         values["throughput/tokens_per_s"] = values["throughput/rollout_tokens"] * place.dp_size / max(phases, 1e-9)
+        tokens = values["throughput/sequence_tokens"] * place.dp_size  # replicas' means x replicas
+        values.update(dashboards.throughput(
+            rollout_tokens=values["throughput/generated_tokens"] * place.dp_size,
+            rollout_s=metrics.times.get("rollout", 0.0), train_tokens=tokens * cfg.algo.ppo_epochs,
+            train_s=metrics.times.get("train", 0.0), gpus=gpus, peak=peak, sync_gb=values["sync/gb"],
+            train_flops=dashboards.model_flops(params, tokens, cfg.algo.ppo_epochs, scoring_passes),
+            sync_s=values["sync/seconds"]))
         metrics.log(step, values)
         last = step == cfg.train.steps - 1
         if lead and cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and not last:
