@@ -8,9 +8,11 @@
 ARG NGC_TAG=26.10-py3
 FROM nvcr.io/nvidia/pytorch:${NGC_TAG}
 
+# RLV_DATA_DIR: mount MATH/MATH-500 (the layout of ../shared/data) at /data; RLV_MODEL_DIR per run.
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONUNBUFFERED=1 \
-    VLLM_WORKER_MULTIPROC_METHOD=spawn
+    VLLM_WORKER_MULTIPROC_METHOD=spawn \
+    RLV_DATA_DIR=/data
 
 WORKDIR /workspace/rlv-megatron
 

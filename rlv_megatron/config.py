@@ -12,10 +12,10 @@ class ConfigError(ValueError):
 
 @dataclass
 class ParallelConfig:
-    tp: int = 1
-    pp: int = 1
+    tp: int = 1  # tensor parallel size (divides heads, KV heads, FFN size)
+    pp: int = 1  # pipeline parallel size (divides the layers, with vpp)
     vpp: Optional[int] = None  # virtual pipeline stages per rank (interleaved schedule)
-    sequence_parallel: bool = False
+    sequence_parallel: bool = False  # shard norms/dropout activations over TP along the sequence (tp >= 2)
     distributed_optimizer: bool = True  # shard optimizer states (and the fp32 master weights) over DP
     recompute: str = "none"  # none | selective (attention core) | full (each layer's input only)
 
@@ -27,33 +27,33 @@ class ModelConfig:
     params_dtype: str = "float32"  # float32 | bfloat16
     fp8: Optional[str] = None  # None | e4m3 | hybrid   (te only)
     fp8_recipe: str = "delayed"  # delayed | tensorwise | mxfp8 | blockwise
-    fp8_margin: int = 0
-    fp8_amax_history_len: int = 1024
-    fp8_amax_compute_algo: str = "max"
-    make_vocab_size_divisible_by: int = 128
-    seed: int = 1234
+    fp8_margin: int = 0  # TE DelayedScaling margin (powers of 2 of headroom)
+    fp8_amax_history_len: int = 1024  # TE DelayedScaling amax history window
+    fp8_amax_compute_algo: str = "max"  # max | most_recent (TE DelayedScaling)
+    make_vocab_size_divisible_by: int = 128  # Megatron pads the vocabulary to a multiple of this x TP
+    seed: int = 1234  # parameter initialisation and megatron's RNG (scratch models)
     # a Qwen2-shaped model from scratch when `path` is None (vocabulary from the task's tokenizer)
     hidden_size: int = 128
-    num_layers: int = 4
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    ffn_hidden_size: int = 512
-    max_position_embeddings: int = 128
+    num_layers: int = 4  # scratch model only
+    num_heads: int = 4  # scratch model only
+    num_kv_heads: int = 2  # scratch model only (grouped-query attention)
+    ffn_hidden_size: int = 512  # scratch model only
+    max_position_embeddings: int = 128  # scratch model only
 
 
 @dataclass
 class RolloutConfig:
     dtype: str = "bfloat16"  # the engine's weights; syncs cast Megatron's weights to it
-    max_model_len: int = 2048
-    tensor_parallel_size: int = 1
+    max_model_len: int = 2048  # the engine's context: prompt + response + verification turn
+    tensor_parallel_size: int = 1  # vLLM TP per engine (one engine per data-parallel replica)
     gpu_memory_utilization: float = 0.4  # GPU only: the engine's share, colocated with training
     cpu_kv_cache_gib: int = 1  # CPU only: VLLM_CPU_KVCACHE_SPACE
     weight_bucket_mb: int = 256  # bytes per weight-sync bucket (bounds the extra memory of a sync)
     transport: str = "auto"  # auto | shm | cuda_ipc
-    shm_dir: str = "/dev/shm"
+    shm_dir: str = "/dev/shm"  # where CPU weight-sync buckets are staged
     enable_sleep_mode: bool = False  # GPU only: free engine memory during training
-    enforce_eager: bool = True
-    seed: int = 0
+    enforce_eager: bool = True  # no CUDA graphs in vLLM (faster start; false for throughput on GPU)
+    seed: int = 0  # the engine's sampling seed (requests carry per-prompt seeds too)
     # "processed_logprobs": log-probs of the distribution actually sampled from (after temperature/top-p);
     # "raw_logprobs": the model's, before sampling transforms.
     logprobs_mode: str = "processed_logprobs"
@@ -64,40 +64,40 @@ class RolloutConfig:
 class TaskConfig:
     name: str = "subset_sum"  # subset_sum | math | gsm8k
     train_path: Optional[str] = None  # math/gsm8k: jsonl or parquet
-    eval_path: Optional[str] = None
+    eval_path: Optional[str] = None  # math/gsm8k: held-out problems (e.g. MATH-500)
     # subset_sum difficulty knobs
     n_numbers: int = 4
-    min_number: int = 1
-    max_number: int = 15
-    min_target: int = 10
+    min_number: int = 1  # subset_sum: smallest number in a prompt
+    max_number: int = 15  # subset_sum: largest number in a prompt
+    min_target: int = 10  # subset_sum: smallest target sum
     held_out: int = 1000  # problems reserved for evaluation, never trained on (eval uses a prefix)
-    grader_workers: int = 2
-    grader_timeout_s: float = 5.0
+    grader_workers: int = 2  # grader processes (math-verify runs out of process)
+    grader_timeout_s: float = 5.0  # per-answer grading time limit; a timed-out answer scores 0
 
 
 @dataclass
 class AlgoConfig:
     advantage: str = "grpo"  # grpo | rloo | dr_grpo
     group_size: int = 8  # samples per prompt (G)
-    prompts_per_step: int = 32
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_tokens: int = 32
-    clip_low: float = 0.2
-    clip_high: float = 0.2
+    prompts_per_step: int = 32  # prompts per RL step (the global batch is prompts x group_size)
+    temperature: float = 1.0  # rollout sampling temperature; the policy's log-probs use the same
+    top_p: float = 1.0  # rollout nucleus sampling
+    max_tokens: int = 32  # response length limit of a rollout
+    clip_low: float = 0.2  # PPO ratio clip below 1 (1 - clip_low)
+    clip_high: float = 0.2  # PPO ratio clip above 1 (1 + clip_high; DAPO's clip-higher when > clip_low)
     loss_agg: str = "token_mean"  # token_mean | seq_mean | constant (Dr.GRPO: / max_tokens)
     kl_beta: float = 0.0  # k3 KL to the frozen initial policy; 0 = no reference model
-    ppo_epochs: int = 1
-    ppo_minibatches: int = 1
+    ppo_epochs: int = 1  # passes over a step's rollouts
+    ppo_minibatches: int = 1  # optimizer steps per epoch (must divide the step's samples)
     tis_cap: Optional[float] = 2.0  # truncated importance sampling against the engine; None = off
-    filter_equal_reward_groups: bool = True
-    adv_eps: float = 1e-6
+    filter_equal_reward_groups: bool = True  # drop groups whose rewards are all equal (no policy gradient)
+    adv_eps: float = 1e-6  # grpo: added to the group's std
 
 
 @dataclass
 class VerifierConfig:
     lam: float = 1.0  # lambda; 0 = the base RL method
-    question: str = "Is this solution correct? Answer Yes or No"
+    question: str = "Is this solution correct? Answer Yes or No"  # the verification turn's question after each response
     examples: str = "all"  # all | balanced
     # full: the paper's CE over the vocabulary; scores are raw P("Yes"). yes_no: two-way CE (for a start that
     # never saw the format, toy-findings.md); scores are P(Yes) renormalised over {Yes, No}
@@ -106,48 +106,48 @@ class VerifierConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 2e-4
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    grad_clip: float = 1.0
+    lr: float = 2e-4  # Adam learning rate of the RL phase
+    weight_decay: float = 0.0  # decoupled (AdamW)
+    beta1: float = 0.9  # Adam
+    beta2: float = 0.95  # Adam
+    eps: float = 1e-8  # Adam
+    grad_clip: float = 1.0  # global gradient-norm clip (0: off)
 
 
 @dataclass
 class SFTConfig:
-    steps: int = 600
+    steps: int = 600  # warm-start steps (0: none, e.g. a pretrained model)
     batch_size: int = 128  # correct traces per step (as many corrupted ones for the verifier)
     lr: float = 1e-3  # peak: linear warm-up, then cosine decay to lr * min_lr_ratio
-    warmup_steps: int = 20
-    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20  # linear warm-up of the SFT learning rate
+    min_lr_ratio: float = 0.1  # cosine decay floor, as a fraction of sft.lr
     verify: bool = True  # teach the verification format in the warm start
 
 
 @dataclass
 class EvalConfig:
-    num_problems: int = 200
+    num_problems: int = 200  # held-out problems evaluated
     samples: int = 16  # N per problem
-    temperature: float = 1.0
-    subsets: int = 100
-    seed: int = 12345
+    temperature: float = 1.0  # sampling temperature of the evaluation pool
+    subsets: int = 100  # random k-subsets per problem for majority@k / weighted@k
+    seed: int = 12345  # seeds of the pool's samples and of the subsets
     before_rl: bool = False  # also evaluate the warm-started model
     # `rlv eval` only (rlv_megatron/eval/): generation-length budgets (None: algo.max_tokens); every sample is
     # drawn once at the largest and truncated for the others, which is a sample at that budget
     budgets: Optional[list[int]] = None
     taus: list[float] = field(default_factory=lambda: [0.5, 0.6, 0.7, 0.8, 0.9, 0.95])  # adaptive length
     strategy_k: Optional[int] = None  # k of "the best strategy per budget" (None: the pool size N)
-    out_dir: str = "runs/eval"
+    out_dir: str = "runs/eval"  # `rlv eval` outputs
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 100
-    seed: int = 0
-    out_dir: str = "runs/rlv"
+    steps: int = 100  # RL steps
+    seed: int = 0  # every draw is seeded per (seed, step, stream): runs and resumes repeat exactly
+    out_dir: str = "runs/rlv"  # checkpoints, TensorBoard logs, metrics, pool and report of the run
     eval_every: int = 0  # 0: only at the end
     save_every: int = 0  # checkpoint every N RL steps (and always after the last)
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2  # newest checkpoints kept (older ones deleted after a save)
     resume: bool = True  # continue from out_dir/checkpoints/latest when there is one
     micro_batch_tokens: int = 4096  # token budget of one micro-batch (dynamic batch size)
     pack: bool = True  # pack sequences end to end into rows (little padding); false: one per row

@@ -23,11 +23,31 @@ def compose(config_name: str, overrides: list[str]) -> Config:
         return OmegaConf.to_object(hydra_compose(config_name=config_name, overrides=list(overrides)))
 
 
+def self_launch_command(environ, gpus: int, argv: list[str], python: str) -> list[str] | None:
+    """`python recipes/X.py ...` on a machine with several GPUs and no launcher around it: the torchrun
+    command that starts one rank per GPU with the same arguments; None when already launched (torchrun or
+    Slurm variables present) or with fewer than two GPUs."""
+    if gpus < 2 or "RANK" in environ or "SLURM_PROCID" in environ:
+        return None
+    return [python, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}", *argv]
+
+
 def run_recipe(cfg) -> None:
-    """A recipe's body: the typed config -> one RL^V run; global rank 0 prints the metrics path last."""
+    """A recipe's body: the typed config -> one RL^V run; global rank 0 prints the metrics path last.
+    Started by plain `python` on a multi-GPU node, it re-executes itself under torchrun (one rank per GPU)."""
+    import os
+    import sys
+
+    import torch
     from omegaconf import OmegaConf
 
     from rlv_megatron.run import run
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    command = self_launch_command(os.environ, gpus, sys.argv, sys.executable)
+    if command is not None:
+        print(f"{gpus} GPUs: relaunching as {' '.join(command)}", flush=True)
+        os.execv(command[0], command)
 
     path = run(OmegaConf.to_object(cfg))
     if path is not None:

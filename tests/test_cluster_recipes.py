@@ -1,0 +1,67 @@
+"""The cluster recipes (math_7b, r1_32b): their configs compose with every method, validate against the
+real architectures, fit the documented hardware by `rlv plan` with the memory their headers state, and
+`--cfg job --resolve` prints the resolved config with overrides."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rlv_megatron import plan
+from rlv_megatron.config import validate
+from rlv_megatron.hydra_app import compose
+
+ROOT = Path(__file__).resolve().parents[1]
+# recipe -> (architecture preset, GPUs, the per-GPU GiB its header and docstring state)
+RECIPES = {"math_7b": ("qwen2.5-math-7b", 8, 48.0), "r1_32b": ("r1-distill-qwen-32b", 16, 56.0)}
+METHODS = {"grpo_v": ("grpo", "token_mean"), "loo_ppo_v": ("rloo", "token_mean"),
+           "dr_grpo_v": ("dr_grpo", "constant")}
+
+
+@pytest.mark.parametrize("recipe", list(RECIPES))
+@pytest.mark.parametrize("method", list(METHODS))
+def test_recipe_validates_and_fits_as_documented(recipe, method):
+    preset, gpus, gib = RECIPES[recipe]
+    cfg = compose(recipe, [f"method={method}"])
+    assert (cfg.algo.advantage, cfg.algo.loss_agg) == METHODS[method] and cfg.verifier.lam > 0
+    arch = plan.PRESETS[preset]
+    validate(cfg, arch)
+    p = plan.estimate(cfg, arch, plan.DEVICES["h100-80gb"], gpus)
+    plan.check(p)  # raises when it cannot fit
+    assert p.total / plan.GiB == pytest.approx(gib, abs=0.05)
+    header = (ROOT / "rlv_megatron" / "conf" / f"{recipe}.yaml").read_text()
+    assert f"{gib:.1f} GiB of 80 per GPU" in header
+    assert cfg.algo.max_tokens < cfg.rollout.max_model_len
+    assert Path(ROOT / cfg.task.eval_path).exists() and Path(ROOT / cfg.task.train_path).exists()
+
+
+def test_data_and_model_locations_come_from_the_environment(monkeypatch):
+    monkeypatch.setenv("RLV_MODEL_DIR", "/m/qwen")
+    monkeypatch.setenv("RLV_DATA_DIR", "/d")
+    cfg = compose("math_7b", ["parallel.tp=4"])
+    assert cfg.model.path == "/m/qwen" and cfg.task.train_path == "/d/math/train.jsonl"
+    assert cfg.parallel.tp == 4
+
+
+@pytest.mark.parametrize("recipe", list(RECIPES))
+def test_cfg_job_resolve_prints_the_resolved_config(recipe):
+    out = subprocess.run([sys.executable, str(ROOT / "recipes" / f"{recipe}.py"), "--cfg", "job", "--resolve",
+                          "method=loo_ppo_v", "train.steps=7"], capture_output=True, text=True, cwd=ROOT,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "advantage: rloo" in out.stdout and "steps: 7" in out.stdout
+    assert re.search(r"train_path: \S*shared/data/math/train.jsonl", out.stdout)
+    assert "${" not in out.stdout  # interpolations resolved
+
+
+def test_plain_python_on_a_multi_gpu_node_relaunches_under_torchrun():
+    from rlv_megatron.hydra_app import self_launch_command
+
+    argv = ["recipes/math_7b.py", "method=loo_ppo_v"]
+    cmd = self_launch_command({}, 8, argv, "/py")
+    assert cmd == ["/py", "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=8", *argv]
+    assert self_launch_command({"RANK": "0", "WORLD_SIZE": "8"}, 8, argv, "/py") is None  # under torchrun
+    assert self_launch_command({"SLURM_PROCID": "3"}, 8, argv, "/py") is None  # an srun task
+    assert self_launch_command({}, 1, argv, "/py") is None and self_launch_command({}, 0, argv, "/py") is None
