@@ -112,12 +112,9 @@ def _acc_dtype(x: torch.Tensor) -> torch.dtype:
 def _tp_group(group):
     if group is not None:
         return group, dist.get_rank(group), dist.get_world_size(group)
-    from megatron.core import parallel_state as ps
+    from rlv_megatron.train.vocab_parallel import tp_layout
 
-    if not ps.model_parallel_is_initialized():
-        return None, 0, 1
-    return ps.get_tensor_model_parallel_group(), ps.get_tensor_model_parallel_rank(), \
-        ps.get_tensor_model_parallel_world_size()
+    return tp_layout()
 
 
 def _combine(m, s, a, picked, group, world):

@@ -12,7 +12,8 @@ import torch
 import torch.distributed as dist
 
 
-def _tp():
+def tp_layout():
+    """(megatron's TP group, this rank in it, its size); (None, 0, 1) before megatron is initialised."""
     from megatron.core import parallel_state as ps
 
     if not ps.model_parallel_is_initialized():
@@ -39,7 +40,7 @@ def _real_columns(logits: torch.Tensor, vocab: int, rank: int) -> tuple[torch.Te
 class _TargetLogprob(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, vocab):
-        group, rank, world = _tp()
+        group, rank, world = tp_layout()
         z, start = _real_columns(logits, vocab, rank)
         m = _all_reduce(_row_max(z), group, world, dist.ReduceOp.MAX)
         sumexp = _all_reduce((z - m[..., None]).exp().sum(-1), group, world)
@@ -78,7 +79,7 @@ def target_logprobs(logits: torch.Tensor, targets: torch.Tensor, vocab: int) -> 
 @torch.no_grad()
 def entropy(logits: torch.Tensor, vocab: int) -> torch.Tensor:
     """Entropy of the full-vocabulary distribution [...] from the shard [..., V/tp]."""
-    group, rank, world = _tp()
+    group, rank, world = tp_layout()
     z, _ = _real_columns(logits, vocab, rank)
     m = _all_reduce(_row_max(z), group, world, dist.ReduceOp.MAX)
     e = (z - m[..., None]).exp()
