@@ -11,6 +11,7 @@ from rlv_megatron import scaling
 from rlv_megatron.config import ConfigError, EvalConfig
 from rlv_megatron.eval import sequential
 from rlv_megatron.eval.equivalence import AnswerKeys
+from rlv_megatron.report import by_k
 
 
 def samples_to_reach(curve: dict[int, float], target: float) -> float | None:
@@ -30,16 +31,12 @@ def samples_to_reach(curve: dict[int, float], target: float) -> float | None:
 def efficiency(metrics: dict, baseline: dict) -> dict[int, dict]:
     """Per k: how many times more samples the baseline's majority vote needs to reach this weighted@k
     (factor None: not reached within the baseline's pool)."""
-    majority = scaling_curve(baseline, "majority")
+    majority = by_k(baseline).get("majority", {})
     out = {}
-    for k, acc in sorted(scaling_curve(metrics, "weighted").items()):
+    for k, acc in sorted(by_k(metrics).get("weighted", {}).items()):
         need = samples_to_reach(majority, acc)
         out[k] = {"weighted": acc, "baseline_samples": need, "factor": None if need is None else need / k}
     return out
-
-
-def scaling_curve(metrics: dict, name: str) -> dict[int, float]:
-    return {int(key.split("@")[1]): v for key, v in metrics.items() if key.split("@")[0] == name and "@" in key}
 
 
 def _samples(pool: list[list[dict]], votes: list[list]) -> list[list[scaling.Sample]]:
