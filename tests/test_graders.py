@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from rlv_megatron.eval.equivalence import math_key
 from rlv_megatron.tasks.graders import GRADERS, GraderPool, extract_boxed, extract_gsm8k, register_grader
 from rlv_megatron.tasks.math_data import DataError, load_gsm8k, load_math, read_rows
 
@@ -95,6 +96,58 @@ def test_math_grader_equivalences():
     assert g(r"\boxed{\sqrt{2}/2}", r"\frac{\sqrt{2}}{2}") == 1.0
     assert g(r"\boxed{(1,2)}", "(2,1)") == 0.0
     assert g("no box, 1/2", r"\frac{1}{2}") == 0.0
+    assert g(r"\boxed{10{,}000}", "10000") == 1.0 and g(r"\boxed{10000}", r"10{,}000") == 1.0
+    assert g(r"\boxed{10,000}", "10000") == 1.0 and g(r"\boxed{10{,}001}", "10000") == 0.0
+
+
+# Four real MATH train rows (train.jsonl lines 6669, 5419, 1504, 1375) whose last box is a percent.
+MATH_PERCENT_ROWS = [
+    {"problem": "A burger at Ricky C's weighs 120 grams, of which 30 grams are filler.  What percent of the "
+                "burger is not filler?", "level": "Level 2", "type": "Prealgebra",
+     "solution": r"There are $120 - 30 = 90$ grams that are not filler.  So $\frac{90}{120} = \boxed{75\%}$ is "
+                 r"not filler."},
+    {"problem": "What percent of the prime numbers less than 12 are divisible by 2?", "level": "Level 2",
+     "type": "Number Theory",
+     "solution": r"The prime numbers less than $12$ are $2,3,5,7,11$. Since $2$ is the only even prime out of "
+                 r"the five primes less than $12$, the answer is $\frac{1}{5}=\frac{20}{100}=\boxed{20\%}$."},
+    {"problem": r"A television's price was discounted $40\%$ and then slashed another $40\%$ during a "
+                r"liquidation sale. By what percent has the original price been reduced?", "level": "Level 3",
+     "type": "Algebra",
+     "solution": r"Let the original price of the television be $T$. Then the price is now $0.6(0.6T)=0.36T$. "
+                 r"Thus overall the price has been reduced by $1-0.36=\boxed{64\%}$."},
+    {"problem": "On an algebra test, there were $5x$ problems. Lucky Lacy missed $x$ of them. What percent of "
+                "the problems did she get correct?", "level": "Level 1", "type": "Algebra",
+     "solution": r"If Lucky Lacy missed $x$ out of $5x$ problems, then she must have gotten $5x-x=4x$ of them "
+                 r"correct. Therefore, the percentage of problems that Lacy got correct is  "
+                 r"$\frac{4x}{5x}=\frac{4}{5}=\frac{80}{100}=\boxed{80 \%}$."},
+]
+
+
+def test_math_percent_answers_grade_as_math_practice(math_pool, tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in MATH_PERCENT_ROWS))
+    golds = [p.answer for p in load_math(path)]
+    assert golds == [r"75\%", r"20\%", r"64\%", r"80 \%"]
+    cases = []
+    for n, r, g in zip(["75", "20", "64", "80"], MATH_PERCENT_ROWS, golds):
+        forms = (n, f"{n}%", f"{n} \\%", f"{n}\\text{{\\%}}", f"{n}\\\\%")
+        right = [r["solution"]] + [f"so \\boxed{{{f}}}" for f in forms]
+        wrong = [f"\\boxed{{{f}}}" for f in (str(int(n) / 100), f"{int(n) / 100}\\%", f"{int(n) + 1}\\%")]
+        # Gold `n\%` (the row's) and the reverse, gold `n`: the bare number and every % form are right, but
+        # 25% is not 0.25 (MATH practice takes the bare number as the answer).
+        cases += [(resp, gold, want) for gold in (g, n) for resps, want in ((right, 1.0), (wrong, 0.0))
+                  for resp in resps]
+    scores, stats = math_pool.grade([c[0] for c in cases], [c[1] for c in cases])
+    assert stats == {"graded": len(cases), "timeouts": 0, "errors": 0}
+    assert [c for c, s in zip(cases, scores) if s != c[2]] == []
+
+
+def test_math_keys_group_percent_forms():
+    # Eval's voting groups by these keys: a percent and its bare number are one vote, 0.25 is another.
+    forms = [r"25\%", r"25 \%", "25%", r"25\text{\%}", r"25\\%", "25"]
+    assert len({math_key(a) for a in forms}) == 1
+    assert len({math_key(a) for a in (r"25\%", "0.25", r"26\%", r"2.5\%")}) == 4
+    assert math_key(r"10{,}000") == math_key("10000") == math_key("10,000")
 
 
 def test_full_math_splits_load():

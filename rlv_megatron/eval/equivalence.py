@@ -4,9 +4,10 @@ Within a problem, every correct answer is equivalent to the gold answer (that is
 correct answers form one group. Wrong answers are grouped by a canonical key: math-verify's parse, then
 numbers by value (12 significant digits: `\\frac12`, `0.5`, `1/2` agree), expressions by their values at
 fixed points of their symbols (`(x+1)^2` and `x^2+2x+1` agree), sets, intervals and tuples element-wise,
-`x=5` as `5`. Keys come from a GraderPool (per-item time limit: sympy can hang on adversarial answers; a
-timed-out answer keeps its own string as key), cached by answer string across problems, budgets and pools.
-Tasks without a canonicaliser (gsm8k and subset_sum answers are canonical already) key on the string.
+`x=5` as `5`, `25\\%` as `25` (as the math grader). Keys come from a GraderPool (per-item time limit: sympy
+can hang on adversarial answers; a timed-out answer keeps its own string as key), cached by answer string
+across problems, budgets and pools. Tasks without a canonicaliser (gsm8k and subset_sum answers are canonical
+already) key on the string.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import json
 from pathlib import Path
 
 from rlv_megatron.atomic import atomic_write_text
-from rlv_megatron.tasks.graders import GraderPool, register_grader
+from rlv_megatron.tasks.graders import GraderPool, register_grader, strip_percent
 
 _POINTS = (0.5772156649, 1.2599210499, 2.7182818285, 0.3183098862, 1.6180339887)  # one per free symbol
 
@@ -56,7 +57,8 @@ def math_key(answer: str, _unused: str = "") -> str:
     """The canonical key of a bare LaTeX answer (see the module doc); a GraderPool function."""
     from math_verify import parse
 
-    parsed = parse("\\boxed{" + answer + "}", parsing_timeout=None)
+    # Percent signs dropped as the math grader does: `25\%`, `25%` and `25` are one vote (`0.25` is not).
+    parsed = parse("\\boxed{" + strip_percent(answer) + "}", parsing_timeout=None)
     exprs = [p for p in parsed if not isinstance(p, str)]
     if not exprs:
         return "str:" + "".join((parsed[-1] if parsed else answer).split())

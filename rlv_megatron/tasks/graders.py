@@ -30,6 +30,7 @@ __all__ = [
     "extract_boxed",
     "extract_gsm8k",
     "register_grader",
+    "strip_percent",
 ]
 
 Grader = Callable[[str, str], float]
@@ -132,6 +133,20 @@ def _quiet_math_verify() -> None:
 _quiet_math_verify()
 
 
+# A percent sign: `\%`, `%`, `\\%` (a doubly escaped one) or `\text{\%}`.
+_PERCENT_RE = re.compile(r"\\(?:text|textrm|mbox)\s*\{\s*\\*%\s*\}|\\*%")
+
+
+def strip_percent(answer: str) -> str:
+    """`answer` without its percent signs, as MATH's own answer check does (Hendrycks et al. drop `\\%`).
+
+    math-verify reads `25\\%` as a plain string, so `25` would never match it. The bare number is the answer
+    in MATH practice: `25\\%` and `25` agree (either side gold), but `25\\%` and `0.25` do not.
+    """
+    out = _PERCENT_RE.sub("", answer).strip()
+    return out or answer
+
+
 @register_grader("math")
 def grade_math(response: str, gold: str) -> float:
     """Last boxed answer of the response vs. a bare LaTeX gold answer, by math-verify equivalence."""
@@ -139,8 +154,8 @@ def grade_math(response: str, gold: str) -> float:
     if pred is None:
         return 0.0
     # Timeouts off (signal.alarm); GraderPool enforces the time limit by killing the worker.
-    g = parse("\\boxed{" + gold + "}", parsing_timeout=None)
-    p = parse("\\boxed{" + pred + "}", parsing_timeout=None)
+    g = parse("\\boxed{" + strip_percent(gold) + "}", parsing_timeout=None)
+    p = parse("\\boxed{" + strip_percent(pred) + "}", parsing_timeout=None)
     return 1.0 if g and p and verify(g, p, timeout_seconds=None) else 0.0
 
 
