@@ -1,6 +1,7 @@
 """Checkpoints: saved at TP=2, resumed at TP=1 with the same next step; atomic under a crash mid-save;
 truncated or incomplete checkpoints refused naming the file."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -51,16 +52,48 @@ def resume_and_step(model_dir, root, tp, optimizer=True):
 
 
 def export_and_compare(model_dir, root, out):
+    """`rlv export` by default and with --dtype bfloat16: each exported tensor's dtype and whether it equals
+    the checkpoint's weight (cast to that dtype) bit for bit."""
     from safetensors.torch import load_file
 
     from rlv_megatron import cli
     from rlv_megatron.train import checkpoint
 
-    assert cli.main(["export", str(root), str(out), "--model", str(model_dir), "--dtype", "float32"]) == 0
-    exported = load_file(str(Path(out) / "model.safetensors"))
     policy = _policy(model_dir, 1)
     checkpoint.load(policy, checkpoint.latest(root), optimizer=False)
-    return max((exported[n] - t).abs().max().item() for n, t in policy.hf_tensors())
+    weights = dict(policy.hf_tensors())
+    found = {}
+    for dtype in (None, "bfloat16"):
+        dest = Path(out) / str(dtype)
+        assert cli.main(["export", str(root), str(dest), "--model", str(model_dir)]
+                        + (["--dtype", dtype] if dtype else [])) == 0
+        exported = load_file(str(dest / "model.safetensors"))
+        found[dtype] = {(str(t.dtype), torch.equal(t, weights[n].to(t.dtype))) for n, t in exported.items()}
+    return found
+
+
+def bf16_export_follows_training(model_dir, out):
+    """export_hf without a dtype writes a bfloat16-trained model in bfloat16: its weights exactly, the float32
+    norm weights rounded. (Not through a checkpoint yet: bf16 optimizer states fail to save on CPU here.)"""
+    from megatron.core import dist_checkpointing
+    from safetensors.torch import load_file
+
+    from rlv_megatron.config import Config
+    from rlv_megatron.models.hf_io import export_hf
+    from rlv_megatron.policy import Policy
+    from rlv_megatron.train import checkpoint
+
+    cfg = Config()
+    cfg.model.path, cfg.model.params_dtype = str(model_dir), "bfloat16"
+    policy = Policy(cfg)
+    # the weights alone, as a checkpoint holds them: bf16 by element count, though the norms are fp32
+    Path(out, "weights").mkdir(parents=True)
+    with checkpoint._in_process_write_results():
+        dist_checkpointing.save(policy.model_chunks[0].sharded_state_dict(), str(Path(out, "weights")))
+    assert checkpoint.params_dtype(Path(out, "weights")) == "bfloat16"
+    export_hf(policy.model_chunks, policy.arch, Path(out, "hf"))
+    exported = load_file(str(Path(out, "hf", "model.safetensors")))
+    return {(str(exported[n].dtype), torch.equal(exported[n], w.to(torch.bfloat16))) for n, w in policy.hf_tensors()}
 
 
 def crash_mid_save(model_dir, root):
@@ -88,7 +121,9 @@ def crash_mid_save(model_dir, root):
 def qwen(tmp_path_factory):
     from rlv_megatron.models.tiny import make_hf_model
 
-    return make_hf_model("qwen2", tmp_path_factory.mktemp("qwen") / "m", seed=3)
+    # special-token ids beyond bos/eos (config.json and generation_config.json): export keeps them
+    return make_hf_model("qwen2", tmp_path_factory.mktemp("qwen") / "m", seed=3, pad_token_id=0, unk_token_id=3,
+                         sep_token_id=4)
 
 
 def test_tp2_checkpoint_resumes_at_tp1_with_the_same_next_step(qwen, tmp_path):
@@ -106,11 +141,20 @@ def test_tp2_checkpoint_resumes_at_tp1_with_the_same_next_step(qwen, tmp_path):
     assert weights_only[0]["loss/total"] == pytest.approx(continued[0]["loss/total"], rel=1e-5)
     assert weights_only[1]["loss/total"] != pytest.approx(continued[1]["loss/total"], rel=1e-4)
 
-    # `rlv export`: the TP=2 checkpoint as a Hugging Face directory, equal to the checkpoint's weights
-    assert run_distributed(export_and_compare, 1, qwen, root, tmp_path / "hf")[0] == 0.0
+    # `rlv export`: the TP=2 checkpoint as a Hugging Face directory; by default in the training dtype
+    # (float32 here), equal to the checkpoint's weights bit for bit; --dtype bfloat16 rounds them once
+    found = run_distributed(export_and_compare, 1, qwen, root, tmp_path / "hf")[0]
+    assert found == {None: {("torch.float32", True)}, "bfloat16": {("torch.bfloat16", True)}}
     import transformers
 
-    transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")  # loads in transformers
+    hf = tmp_path / "hf" / "None"
+    assert transformers.AutoModelForCausalLM.from_pretrained(hf).dtype == torch.float32  # loads in transformers
+    config = json.loads((hf / "config.json").read_text())
+    ids = ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id", "sep_token_id")
+    assert [config[k] for k in ids] == [1, 2, 0, 3, 4] and config["dtype"] == "float32"
+    assert json.loads((tmp_path / "hf" / "bfloat16" / "config.json").read_text())["dtype"] == "bfloat16"
+    assert json.loads((hf / "generation_config.json").read_text()) == json.loads(
+        (qwen / "generation_config.json").read_text())  # the source's, as it was
 
     # a crash after the files were written but before the rename: `latest` still names step 1
     assert run_distributed(crash_mid_save, 1, qwen, root)[0] == "step_00000001"
@@ -129,3 +173,8 @@ def test_tp2_checkpoint_resumes_at_tp1_with_the_same_next_step(qwen, tmp_path):
     (ckpt / checkpoint.MANIFEST).unlink()
     with pytest.raises(checkpoint.CheckpointError, match="not a complete checkpoint"):
         checkpoint.verify(ckpt)
+
+
+def test_bf16_model_exports_in_bf16_exactly(qwen, tmp_path):
+    assert run_distributed(bf16_export_follows_training, 1, qwen, tmp_path)[0] == {("torch.bfloat16", True)}
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["dtype"] == "bfloat16"

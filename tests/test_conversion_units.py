@@ -81,3 +81,24 @@ def test_transformer_engine_names_map_to_local():
 def test_unknown_tensor_is_named():
     with pytest.raises(KeyError, match="decoder.layers.0.mystery.weight"):
         convert.mcore_from_hf("decoder.layers.0.mystery.weight", {}.__getitem__, _arch(), 16)
+
+
+def test_special_token_ids_and_generation_config_survive_import_export(tmp_path):
+    import json
+
+    from rlv_megatron.models.hf_config import arch_from_hf, generation_config_from_arch, hf_config_from_arch, load_arch
+
+    cfg = {"model_type": "qwen2", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 6, "num_hidden_layers": 2,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "bos_token_id": 1, "eos_token_id": [2, 5],
+           "pad_token_id": 0, "unk_token_id": 3, "decoder_start_token_id": 1, "sep_token_id": None}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    arch = load_arch(tmp_path)
+    out = hf_config_from_arch(arch)
+    ids = {k: v for k, v in cfg.items() if k.endswith("_token_id")}
+    assert {k: out[k] for k in ids} == ids
+    assert arch_from_hf(out) == arch  # export -> import is lossless
+    # no generation_config.json in the source: one from the ids, so generation stops at EOS
+    assert generation_config_from_arch(arch) == {"bos_token_id": 1, "eos_token_id": [2, 5], "pad_token_id": 0}
+    gen = {"eos_token_id": [2, 5], "pad_token_id": 0, "temperature": 0.7, "top_p": 0.8}
+    (tmp_path / "generation_config.json").write_text(json.dumps(gen))
+    assert generation_config_from_arch(load_arch(tmp_path)) == gen  # the source's, as it was

@@ -7,9 +7,9 @@ back on export. Unsupported features fail with the offending config field named.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,12 @@ class ModelArch:
     rope_scaling_factor: float | None = None
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+    unk_token_id: int | None = None
+    # every other `*_token_id` of the source config.json, (key, value) sorted: written back on export
+    other_token_ids: tuple[tuple[str, Any], ...] = ()
+    # the source's generation_config.json (load_arch), written back on export; not an architecture fact
+    generation_config: dict | None = field(default=None, compare=False)
 
 
 class UnsupportedConfig(ValueError):
@@ -79,6 +85,9 @@ def _rope(cfg: dict, where: str) -> tuple[float, float | None]:
     raise UnsupportedConfig(f"{where}: rope_type={rope_type!r} is not supported (default or llama3)")
 
 
+_NAMED_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id")
+
+
 def arch_from_hf(cfg: dict, where: str = "config.json") -> ModelArch:
     """Read a Hugging Face config dict; `where` names the source in error messages."""
     model_type = cfg.get("model_type")
@@ -113,6 +122,10 @@ def arch_from_hf(cfg: dict, where: str = "config.json") -> ModelArch:
         rope_scaling_factor=scaling,
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_id=cfg.get("eos_token_id"),
+        pad_token_id=cfg.get("pad_token_id"),
+        unk_token_id=cfg.get("unk_token_id"),
+        other_token_ids=tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in cfg.items()
+                                     if k.endswith("_token_id") and k not in _NAMED_TOKEN_IDS)),
     )
 
 
@@ -139,6 +152,9 @@ def hf_config_from_arch(arch: ModelArch, dtype: str = "bfloat16") -> dict:
         "tie_word_embeddings": arch.tie_word_embeddings,
         "bos_token_id": arch.bos_token_id,
         "eos_token_id": arch.eos_token_id,
+        "pad_token_id": arch.pad_token_id,
+        "unk_token_id": arch.unk_token_id,
+        **{k: list(v) if isinstance(v, tuple) else v for k, v in arch.other_token_ids},
         "attention_dropout": 0.0,
         "initializer_range": 0.02,
         "use_cache": True,
@@ -147,15 +163,29 @@ def hf_config_from_arch(arch: ModelArch, dtype: str = "bfloat16") -> dict:
     }
 
 
+def generation_config_from_arch(arch: ModelArch) -> dict:
+    """The source's generation config, or (none there) one from the special-token ids, so that
+    transformers and vLLM stop at the model's EOS and pad with its pad id."""
+    if arch.generation_config is not None:
+        return arch.generation_config
+    ids = {"bos_token_id": arch.bos_token_id, "eos_token_id": arch.eos_token_id, "pad_token_id": arch.pad_token_id}
+    return {k: v for k, v in ids.items() if v is not None}
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UnsupportedConfig(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+
+
 def load_arch(model_dir: str | Path) -> ModelArch:
     path = Path(model_dir) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no config.json (is this a Hugging Face model directory?)")
-    try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UnsupportedConfig(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
-    return arch_from_hf(cfg, where=str(path))
+    arch = arch_from_hf(_read_json(path), where=str(path))
+    gen = Path(model_dir) / "generation_config.json"
+    return replace(arch, generation_config=_read_json(gen)) if gen.is_file() else arch
 
 
 def arch_dict(arch: ModelArch) -> dict:

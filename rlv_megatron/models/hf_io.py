@@ -12,11 +12,10 @@ from safetensors.torch import save_file
 
 from rlv_megatron.atomic import atomic_dir
 from rlv_megatron.models.convert import iter_hf_tensors, load_hf_into_chunks
-from rlv_megatron.models.hf_config import ModelArch, hf_config_from_arch
+from rlv_megatron.models.hf_config import ModelArch, generation_config_from_arch, hf_config_from_arch
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-                   "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja",
-                   "generation_config.json")
+                   "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja")
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
@@ -58,6 +57,7 @@ def load_hf_weights(chunks, model_dir: str | Path, arch: ModelArch, padded_vocab
 
 def write_config(out: Path, arch: ModelArch, dtype: torch.dtype) -> None:
     (out / "config.json").write_text(json.dumps(hf_config_from_arch(arch, _DTYPE_NAMES[dtype]), indent=2))
+    (out / "generation_config.json").write_text(json.dumps(generation_config_from_arch(arch), indent=2))
 
 
 def copy_tokenizer(src: str | Path | None, out: Path) -> None:
@@ -68,9 +68,11 @@ def copy_tokenizer(src: str | Path | None, out: Path) -> None:
             shutil.copy2(Path(src) / name, out / name)
 
 
-def export_hf(chunks, arch: ModelArch, out_dir: str | Path, dtype: torch.dtype = torch.bfloat16,
+def export_hf(chunks, arch: ModelArch, out_dir: str | Path, dtype: torch.dtype | None = None,
               tokenizer_from: str | Path | None = None) -> Path:
     """Write this (possibly TP/PP-sharded) model as a HF directory, atomically. Collective: all ranks call.
+    `dtype`: of the written weights; default the model's params_dtype (its training dtype; under bfloat16
+    megatron's float32 norm weights are rounded once, as a bfloat16 HF model holds them).
 
     Each pipeline stage's TP-rank-0 / DP-rank-0 writes one safetensors shard; global rank 0 writes the
     index, config.json and tokenizer files, then publishes the directory with one rename."""
@@ -78,6 +80,7 @@ def export_hf(chunks, arch: ModelArch, out_dir: str | Path, dtype: torch.dtype =
     from megatron.core import parallel_state as ps
 
     out_dir = Path(out_dir).resolve()
+    dtype = chunks[0].config.params_dtype if dtype is None else dtype  # (norm weights stay float32)
     distributed = dist.is_initialized() and dist.get_world_size() > 1
     rank = dist.get_rank() if distributed else 0
     pp, pp_rank = ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank()

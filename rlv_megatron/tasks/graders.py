@@ -271,6 +271,9 @@ class GraderPool:
         if "<" in fn.__qualname__:
             raise ValueError(f"grader {grader!r} ({fn.__qualname__}) must be a module-level function")
         self.grader, self.timeout_s = grader, float(timeout_s)
+        from rlv_megatron.mp_guard import require_main_guard
+
+        require_main_guard("GraderPool")  # spawn re-runs an unguarded script in each worker
         self._ctx = mp.get_context("spawn")  # no fork: the caller may hold threads, CUDA, big heaps
         self._workers = [_Worker(self._ctx, *self._target) for _ in range(workers)]
         self._finalizer = weakref.finalize(self, _shutdown, self._workers)

@@ -13,9 +13,12 @@ resumed at TP=1). RNG states are restored only under the same layout; nothing in
 from __future__ import annotations
 
 import json
+import math
 import os
+import queue
 import random
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -94,8 +97,26 @@ def _barrier() -> None:
         dist.barrier()
 
 
+@contextmanager
+def _in_process_write_results():
+    """megatron's FileSystemWriterAsync collects write results in a queue it gets from a *spawned*
+    multiprocessing Manager (filesystem_async._get_write_results_queue). The spawned server re-imports
+    __main__: from a script without `if __name__ == "__main__":` it re-runs the script (under torchrun it
+    hangs in the rendezvous, the caller in Manager.start(), silently). A synchronous save puts and gets that
+    queue in this process (the writers themselves are forked), so an in-process queue does the same job."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
+
+    saved = fa._results_queue
+    fa._results_queue = queue.Queue()
+    try:
+        yield
+    finally:
+        fa._results_queue = saved
+
+
 def save(policy, root: str | Path, step: int, run_state: dict, keep: int = 2) -> Path:
-    """Collective: every rank calls it. `run_state`: JSON-able position of the run (step, phase, ...)."""
+    """Collective: every rank calls it. `run_state`: JSON-able position of the run (step, phase, ...).
+    Once it is complete, older checkpoints beyond the `keep` newest go (`prune`; keep=0 keeps all)."""
     from megatron.core import dist_checkpointing
 
     root = Path(root)
@@ -108,7 +129,8 @@ def save(policy, root: str | Path, step: int, run_state: dict, keep: int = 2) ->
     _materialise_optimizer_states(policy.optimizer)  # a save before the first step
     state = _sharded_state(policy, loading=False, with_rng=True)
     state["run"] = {**run_state, "step": step}
-    dist_checkpointing.save(state, str(tmp))
+    with _in_process_write_results():
+        dist_checkpointing.save(state, str(tmp))
     _barrier()
     if _rank0():
         files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
@@ -121,10 +143,20 @@ def save(policy, root: str | Path, step: int, run_state: dict, keep: int = 2) ->
         shutil.rmtree(final, ignore_errors=True)  # a same-step leftover of an earlier, resumed run
         os.rename(tmp, final)
         atomic_write_text(root / LATEST, final.name + "\n")
-        for old in sorted(root.glob("step_*"))[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+        if keep > 0:
+            prune(root, keep, step)
     _barrier()
     return final
+
+
+def prune(root: Path, keep: int, step: int) -> None:
+    """After the checkpoint of `step` is complete: keep it and the keep-1 newest before it. Later-numbered
+    ones are an abandoned run's (train.resume=false) that `latest` no longer names; they go too (sorting
+    by name alone would delete the new checkpoint instead)."""
+    saved = sorted(p for p in Path(root).glob("step_*") if p.name[5:].isdigit())
+    mine = [p for p in saved if int(p.name[5:]) <= step]
+    for old in [p for p in saved if p not in mine] + mine[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def latest(root: str | Path) -> Path | None:
@@ -155,6 +187,18 @@ def verify(path: str | Path) -> dict:
             raise CheckpointError(f"{path}: file {name} has {f.stat().st_size} bytes, the manifest says {size} "
                                   "(truncated)")
     return info
+
+
+def params_dtype(path: str | Path) -> str:
+    """The dtype the checkpoint's model was trained in (model.params_dtype): its saved weights' dtype."""
+    from megatron.core import dist_checkpointing
+
+    meta = dist_checkpointing.load_tensors_metadata(str(path))  # reads the metadata only, no tensors
+    numel: dict = {}  # by element count: under bfloat16, megatron keeps the norm weights in float32
+    for k, t in meta.items():
+        if not k.startswith(("optimizer.", "reference.")):
+            numel[t.dtype] = numel.get(t.dtype, 0) + math.prod(t.global_shape)
+    return str(max(numel, key=numel.get)).removeprefix("torch.")
 
 
 def load(policy, path: str | Path, optimizer: bool = True) -> dict:
