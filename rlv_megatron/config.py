@@ -132,11 +132,15 @@ class EvalConfig:
     subsets: int = 100  # random k-subsets per problem for majority@k / weighted@k
     seed: int = 12345  # seeds of the pool's samples and of the subsets
     before_rl: bool = False  # also evaluate the warm-started model
+    final: bool = True  # a run evaluates its final policy (false, and no other evaluation: no task.eval_path)
     # `rlv eval` only (rlv_megatron/eval/): generation-length budgets (None: algo.max_tokens); every sample is
     # drawn once at the largest and truncated for the others, which is a sample at that budget
     budgets: Optional[list[int]] = None
     taus: list[float] = field(default_factory=lambda: [0.5, 0.6, 0.7, 0.8, 0.9, 0.95])  # adaptive length
     strategy_k: Optional[int] = None  # k of "the best strategy per budget" (None: the pool size N)
+    # what a pool's `score` is (docs/eval-scores.md): probability in [0, 1]; logit or raw reward, any finite real
+    score_kind: str = "probability"
+    reward_temperature: float = 1.0  # score_kind=reward: T of the vote weights exp((r - max r) / T)
     out_dir: str = "runs/eval"  # `rlv eval` outputs
 
 
@@ -145,10 +149,15 @@ class TrainConfig:
     steps: int = 100  # RL steps
     seed: int = 0  # every draw is seeded per (seed, step, stream): runs and resumes repeat exactly
     out_dir: str = "runs/rlv"  # checkpoints, TensorBoard logs, metrics, pool and report of the run
-    eval_every: int = 0  # 0: only at the end
+    eval_every: int = 0  # evaluate every N RL steps; 0: none during RL (the end's is eval.final)
     save_every: int = 0  # checkpoint every N RL steps (and always after the last)
-    keep_checkpoints: int = 2  # newest checkpoints kept (older ones deleted after a save)
-    resume: bool = True  # continue from out_dir/checkpoints/latest when there is one
+    # newest checkpoints kept (older ones deleted once a newer one is complete); 0: none written (no resume)
+    keep_checkpoints: int = 2
+    # keep <out_dir>/start/, the HF export the engine starts from (`rlv export` of a checkpoint reads its config;
+    # without it, pass --model); false: deleted at the end
+    keep_start: bool = True
+    export_final: bool = True  # write <out_dir>/model/: the final policy as a HF directory
+    resume: bool = True  # continue from out_dir/checkpoints/latest when there is one (said at start-up)
     micro_batch_tokens: int = 4096  # token budget of one micro-batch (dynamic batch size)
     pack: bool = True  # pack sequences end to end into rows (little padding); false: one per row
     # packed row length; attention within a row costs O(row^2) under the local spec's mask (CPU): keep it a
@@ -189,6 +198,7 @@ _CHOICES = {
     "verifier.loss": ("full", "yes_no"),
     "train.logprob_impl": ("fused", "logits"),
     "task.name": ("subset_sum", "math", "gsm8k"),
+    "eval.score_kind": ("probability", "logit", "reward"),
 }
 
 
@@ -243,8 +253,12 @@ def validate(cfg: Config, arch=None) -> None:
     if cfg.sft.warmup_steps < 0 or not 0.0 <= cfg.sft.min_lr_ratio <= 1.0:
         raise ConfigError(f"sft.warmup_steps={cfg.sft.warmup_steps}, sft.min_lr_ratio={cfg.sft.min_lr_ratio}: "
                           "need warmup_steps >= 0 and 0 <= min_lr_ratio <= 1")
+    if cfg.train.keep_checkpoints < 0:
+        raise ConfigError(f"train.keep_checkpoints={cfg.train.keep_checkpoints}: must be >= 0")
     if not cfg.train.logprob_chunk_mb > 0:
         raise ConfigError(f"train.logprob_chunk_mb={cfg.train.logprob_chunk_mb}: must be > 0")
+    if not 0 < cfg.eval.reward_temperature < float("inf"):
+        raise ConfigError(f"eval.reward_temperature={cfg.eval.reward_temperature}: must be a finite number > 0")
     if cfg.verifier.lam < 0:
         raise ConfigError(f"verifier.lam={cfg.verifier.lam}: must be >= 0")
     if cfg.algo.advantage in ("grpo", "rloo") and cfg.algo.group_size < 2:

@@ -10,12 +10,18 @@ Conventions (the choices the doc leaves open):
   Weighted sums count as tied within a relative 1e-9 (float sums of equal totals may differ in the last bit).
 - Likelihood baselines: weighted_likelihood votes with weight exp(logprob_mean) (the per-token geometric-mean
   probability of the sample); best_of_likelihood ranks by logprob_mean.
-- Verifier metrics (AUC, accuracy, ECE) use the raw `score` of every sample, invalid ones included, with
+- Verifier metrics (AUC, accuracy, ECE) use the `score` of every sample, invalid ones included, with
   label `correct and answer is not None`: they judge the verifier on everything it was asked about.
+- Score kinds (docs/eval-scores.md): "probability" (in [0, 1]), "logit" (any finite real; sigmoid gives the
+  probability) or "reward" (any finite real). Votes weigh p, sigmoid(z) or exp((r - max r) / T) (softmax
+  weights up to a constant; max over the problem's valid samples); best-of and AUC rank the raw score; accuracy and
+  ECE use the probability and are None for rewards. An invalid sample's best-of score is the lowest there is:
+  0 for probabilities, -inf otherwise.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import math
@@ -32,8 +38,22 @@ _CHUNK_ELEMS = 1 << 22  # problems are processed in chunks of about this many su
 class Sample:
     answer: Hashable | None  # canonical answer key; None = no answer extracted (invalid)
     correct: bool
-    score: float  # verifier P("Yes") in [0, 1]
+    score: float  # verifier P("Yes") in [0, 1], or a logit or raw reward (the `kind` of evaluate)
     logprob_mean: float | None = None  # mean token log-prob, for the likelihood baselines
+
+
+SCORE_KINDS = ("probability", "logit", "reward")
+
+
+def sigmoid(z) -> np.ndarray:
+    return np.exp(-np.logaddexp(0.0, -np.asarray(z, dtype=np.float64)))  # no overflow either side
+
+
+def _check_kind(kind: str, temperature: float) -> None:
+    if kind not in SCORE_KINDS:
+        raise ValueError(f"score kind {kind!r}: must be one of {SCORE_KINDS}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"reward temperature {temperature!r}: must be a finite number > 0")
 
 
 def powers_of_two_up_to(n: int) -> list[int]:
@@ -110,9 +130,15 @@ def _encode(samples: Sequence[Sample]) -> tuple[np.ndarray, np.ndarray]:
     return codes, np.array(answer_correct, dtype=bool)
 
 
-def _weights(samples: Sequence[Sample], key: str) -> np.ndarray:
+def _weights(samples: Sequence[Sample], key: str, kind: str = "probability", temperature: float = 1.0) -> np.ndarray:
     if key == "score":
         w = np.array([s.score for s in samples], dtype=np.float64)
+        if kind == "logit":
+            w = sigmoid(w)
+        elif kind == "reward":  # softmax weights; shifting by a constant changes no vote
+            valid = [s.answer is not None for s in samples]
+            top = w[valid].max() if any(valid) else 0.0
+            w = np.exp((w - top) / temperature)
     elif key == "likelihood":
         if any(s.logprob_mean is None for s in samples):
             raise ValueError("key='likelihood' needs logprob_mean on every sample")
@@ -172,10 +198,12 @@ def _random_subsets(rng: np.random.Generator, p: int, subsets: int, n: int) -> n
     return rng.random((p, subsets, n)).argsort(-1)
 
 
-def _one_problem(samples: Sequence[Sample], k: int, subsets: np.ndarray, key: str | None) -> float:
+def _one_problem(samples: Sequence[Sample], k: int, subsets: np.ndarray, key: str | None,
+                 kind: str = "probability", temperature: float = 1.0) -> float:
     _check_k(k, len(samples))
+    _check_kind(kind, temperature)
     codes, answer_correct = _encode(samples)
-    weights = [] if key is None else [_weights(samples, key)[None]]
+    weights = [] if key is None else [_weights(samples, key, kind, temperature)[None]]
     maj, wtd = _vote_scores(codes[None], answer_correct[None], weights, subsets[None], [k])
     return float(maj[0, 0] if key is None else wtd[0, 0, 0])
 
@@ -188,10 +216,11 @@ def majority_at_k(samples: Sequence[Sample], k: int, subsets: int = 100,
 
 
 def weighted_at_k(samples: Sequence[Sample], k: int, subsets: int = 100,
-                  rng: np.random.Generator | int | None = None, key: str = "score") -> float:
+                  rng: np.random.Generator | int | None = None, key: str = "score", kind: str = "probability",
+                  temperature: float = 1.0) -> float:
     """Like majority_at_k, but each answer's vote is the sum of its weights (score, or exp(logprob_mean))."""
     idx = _random_subsets(np.random.default_rng(rng), 1, subsets, len(samples))[0]
-    return _one_problem(samples, k, idx, key)
+    return _one_problem(samples, k, idx, key, kind, temperature)
 
 
 def _all_subsets(n: int, k: int) -> np.ndarray:
@@ -204,9 +233,10 @@ def majority_at_k_exact(samples: Sequence[Sample], k: int) -> float:
     return _one_problem(samples, k, _all_subsets(len(samples), k), None)
 
 
-def weighted_at_k_exact(samples: Sequence[Sample], k: int, key: str = "score") -> float:
+def weighted_at_k_exact(samples: Sequence[Sample], k: int, key: str = "score", kind: str = "probability",
+                        temperature: float = 1.0) -> float:
     """weighted@k averaged over all C(N, k) subsets (small N only): what weighted_at_k estimates."""
-    return _one_problem(samples, k, _all_subsets(len(samples), k), key)
+    return _one_problem(samples, k, _all_subsets(len(samples), k), key, kind, temperature)
 
 
 # ---------------------------------------------------------------------------------------------- verifier
@@ -271,17 +301,28 @@ def calibration_error(problems: Sequence[Sequence[Sample]], bins: int = 10) -> f
 
 # ---------------------------------------------------------------------------------------------- evaluate
 
+def as_probabilities(problems: Sequence[Sequence[Sample]], kind: str) -> list[list[Sample]] | None:
+    """The problems with scores as probabilities: as they are, sigmoid of logits; None for raw rewards."""
+    if kind == "reward":
+        return None
+    if kind == "probability":
+        return [list(p) for p in problems]
+    return [[dataclasses.replace(s, score=float(sigmoid(s.score))) for s in p] for p in problems]
+
+
 def evaluate(problems: Sequence[Sequence[Sample]], ks: Sequence[int], subsets: int = 100,
-             seed: int = 0) -> dict[str, float]:
+             seed: int = 0, kind: str = "probability", temperature: float = 1.0) -> dict[str, float | None]:
     """All scaling metrics, each a mean over problems; every problem must have the same pool size N.
 
     Keys: pass@k, majority@k, weighted@k, best_of@k for each k; weighted_likelihood@k and
     best_of_likelihood@k when every sample has logprob_mean; verifier_auc_within_prompt,
-    verifier_auc_pooled (NaN when undefined), verifier_accuracy, verifier_ece, num_problems.
-    Majority and weighted votes of one problem share the same random subsets.
+    verifier_auc_pooled (NaN when undefined), verifier_accuracy, verifier_ece (None for kind "reward"),
+    num_problems. Majority and weighted votes of one problem share the same random subsets.
+    `kind`: what `score` is (SCORE_KINDS); `temperature`: T of the reward softmax.
     """
     if not problems:
         raise ValueError("no problems")
+    _check_kind(kind, temperature)
     ks = [int(k) for k in ks]
     n = len(problems[0])
     if any(len(p) != n for p in problems):
@@ -297,7 +338,8 @@ def evaluate(problems: Sequence[Sequence[Sample]], ks: Sequence[int], subsets: i
     for p in problems:
         valid = np.array([s.answer is not None for s in p])
         labels = _labels(p)
-        rank_correct["score"] += _tie_averaged(np.where(valid, _raw_scores(p), 0.0), labels)
+        lowest = 0.0 if kind == "probability" else -np.inf
+        rank_correct["score"] += _tie_averaged(np.where(valid, _raw_scores(p), lowest), labels)
         if likelihood:
             lp = np.array([s.logprob_mean for s in p], dtype=np.float64)
             rank_correct["likelihood"] += _tie_averaged(np.where(valid, lp, -np.inf), labels)
@@ -315,14 +357,14 @@ def evaluate(problems: Sequence[Sequence[Sample]], ks: Sequence[int], subsets: i
         answer_correct = np.zeros((len(part), d), dtype=bool)
         for i, (_, ac) in enumerate(encoded):
             answer_correct[i, :ac.size] = ac
-        weights = [np.stack([_weights(p, key) for p in part]) for key in keys]
+        weights = [np.stack([_weights(p, key, kind, temperature) for p in part]) for key in keys]
         idx = _random_subsets(rng, len(part), subsets, n)
         maj, wtd = _vote_scores(codes, answer_correct, weights, idx, ks)
         majority += maj.sum(-1)
         weighted += wtd.sum(-1)
 
     m = len(problems)
-    out: dict[str, float] = {}
+    out: dict[str, float | None] = {}
     for j, k in enumerate(ks):
         out[f"pass@{k}"] = float(np.mean([pass_at_k(n, c, k) for c in num_correct]))
         out[f"majority@{k}"] = float(majority[j] / m)
@@ -334,7 +376,8 @@ def evaluate(problems: Sequence[Sequence[Sample]], ks: Sequence[int], subsets: i
     within, pooled = within_prompt_auc(problems), pooled_auc(problems)
     out["verifier_auc_within_prompt"] = math.nan if within is None else within
     out["verifier_auc_pooled"] = math.nan if pooled is None else pooled
-    out["verifier_accuracy"] = verifier_accuracy(problems)
-    out["verifier_ece"] = calibration_error(problems)
+    probs = as_probabilities(problems, kind)
+    out["verifier_accuracy"] = None if probs is None else verifier_accuracy(probs)
+    out["verifier_ece"] = None if probs is None else calibration_error(probs)
     out["num_problems"] = m
     return out

@@ -1,6 +1,7 @@
 """`rlv eval` without an engine: equivalence grouping, sequential scaling and compute efficiency against brute
 force, pool files (errors name file:line), and `rlv eval --pool` outputs."""
 
+import dataclasses
 import itertools
 import json
 import re
@@ -13,15 +14,14 @@ import numpy as np
 import pytest
 
 from rlv_megatron import scaling
-from rlv_megatron.config import EvalConfig
-from rlv_megatron.eval import sequential
+from rlv_megatron.config import ConfigError, EvalConfig
+from rlv_megatron.eval import app, sequential
 from rlv_megatron.eval.equivalence import AnswerKeys, math_key
-from rlv_megatron.eval.metrics import efficiency, pool_report, samples_to_reach
+from rlv_megatron.eval.metrics import UNDEFINED_FOR_REWARDS, efficiency, pool_report, samples_to_reach
 from rlv_megatron.eval.pool_io import PoolError, read_pool, write_pool
+from rlv_megatron.hydra_app import compose
 from rlv_megatron.tasks.graders import GraderPool
 from rlv_megatron.tasks.math_data import DataError, load_math
-
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 @pytest.fixture(scope="module")
@@ -70,10 +70,14 @@ def test_vote_keys_group_and_cache(keys, tmp_path):
         disk.save()
     with AnswerKeys(workers=1, cache_path=tmp_path / "keys.json") as disk:
         assert disk.keys("math", ["0.5"]) == {"0.5": math_key("0.5")} and disk.stats["computed"] == 0
+    # a cache from an older canonicaliser (before percent signs were dropped) is not trusted
+    (tmp_path / "keys.json").write_text(json.dumps({"math": {"25\\%": "str:25\\%"}}))
+    with AnswerKeys(workers=1, cache_path=tmp_path / "keys.json") as disk:
+        assert disk.keys("math", ["25\\%"]) == {"25\\%": math_key("25")} and disk.stats["computed"] == 1
 
 
 def test_grouping_never_merges_math500_answers_the_grader_tells_apart(keys):
-    problems = load_math(DATA / "math500" / "test.jsonl")
+    problems = load_math("math500/test")
     golds = [p.answer for p in problems]
     got = keys.keys("math", golds)
     assert keys.stats["timeouts"] == 0 and len(got) == len(set(golds))
@@ -212,7 +216,14 @@ def test_pool_report_equals_scaling_on_the_grouped_pool(keys, tmp_path):
     ('{"problem_id": "p", "answer": "1", "correct": true, "length": 3}', "missing field 'score'"),
     ('{"problem_id": "p", "answer": "1", "correct": 1, "score": 0.5, "length": 3}', "field 'correct' is 1"),
     ('{"problem_id": "p", "answer": 1, "correct": true, "score": 0.5, "length": 3}', "field 'answer' is 1"),
-    ('{"problem_id": "p", "answer": "1", "correct": true, "score": 1.5, "length": 3}', "score must be in"),
+    ('{"problem_id": "p", "answer": "1", "correct": true, "score": 1.5, "length": 3}',
+     "field 'score' is 1.5, outside [0, 1] for eval.score_kind=probability (declare eval.score_kind=logit or reward"),
+    ('{"problem_id": "p", "answer": "1", "correct": true, "score": NaN, "length": 3}',
+     "field 'score' is nan, expected a finite number"),
+    ('{"problem_id": "p", "answer": "1", "correct": true, "score": 0.5, "length": 3, "logprob_mean": -Infinity}',
+     "field 'logprob_mean' is -inf, expected a finite number"),
+    ('{"problem_id": "p", "answer": "1", "correct": true, "score": 0.5, "length": -1}',
+     "field 'length' is -1, expected >= 0"),
     ('[1, 2]', "expected a JSON object"),
 ])
 def test_bad_pool_lines_name_file_and_line(tmp_path, line, message):
@@ -221,6 +232,22 @@ def test_bad_pool_lines_name_file_and_line(tmp_path, line, message):
     path.write_text(good + "\n\n" + line + "\n")
     with pytest.raises(DataError, match=rf"pool\.jsonl:3: .*{re.escape(message)}"):  # PoolError is one
         read_pool(path)
+
+
+@pytest.mark.parametrize("score,ok", [(-3.2, True), (1e300, True), (10 ** 400, False), (float("inf"), False),
+                                      (float("nan"), False)])
+def test_unbounded_kinds_take_any_finite_score(tmp_path, score, ok):
+    path = tmp_path / "pool.jsonl"
+    path.write_text(json.dumps(row("p", "1", True, 0.5)) + "\n" + json.dumps(row("p", "2", False, score)) + "\n")
+    for kind in ("logit", "reward"):
+        if ok:
+            assert read_pool(path, kind)[None][0][1]["score"] == score
+        else:
+            message = rf"pool\.jsonl:2: field 'score' is {re.escape(repr(score))}, expected a finite number"
+            with pytest.raises(PoolError, match=message):
+                read_pool(path, kind)
+    with pytest.raises(PoolError, match=r"pool\.jsonl:2: field 'score' is "):
+        read_pool(path)  # probability: [0, 1]
 
 
 def test_ragged_pool_is_refused(tmp_path):
@@ -271,6 +298,7 @@ def test_cli_errors_exit_non_zero_naming_the_problem(tmp_path):
     pool.write_text(json.dumps(row("p", "1", True, 0.5)) + "\n" + '{"problem_id": "p"}\n')
     done = _cli("--pool", str(pool), "--out", str(tmp_path / "out"))
     assert done.returncode == 2 and f"{pool}:2: missing field 'answer'" in done.stderr
+    assert not (tmp_path / "out").exists()
     done = _cli("--pool", str(pool), "eval.no_such_field=1")
     assert done.returncode == 2 and "no_such_field" in done.stderr
     done = _cli(str(tmp_path))  # neither a HF directory nor a checkpoint
@@ -332,3 +360,145 @@ def test_sample_pools_equal_one_sample_at_a_time():
                              "logprob_mean": pytest.approx(-0.1 * (j + 1)), "max_tokens": b, "task": "subset_sum"}
     assert [r["correct"] for r in pools[64][0]] == [False, True, False, False]
     assert [r["correct"] for r in pools[4][0]] == [False, False, False, False]  # cut short of the answer
+
+
+# ------------------------------------------------------------------ score kinds (docs/eval-scores.md)
+
+def sigmoid(z):
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+def scored_rows(rng, scores, budgets=(8, 16), problems=5, n=6):
+    """Rows with answers "0.5" (correct), "1".."3" or None, and scores drawn by `scores(rng)`."""
+    rows = []
+    for b in budgets:
+        for p in range(problems):
+            for _ in range(n):
+                a = int(rng.integers(-1, 4))
+                answer = None if a < 0 else "0.5" if a == 0 else str(a)
+                rows.append(row(f"p{p}", answer, a == 0, float(scores(rng)), int(rng.integers(1, b + 1)), b,
+                                float(-rng.random())))
+    return rows
+
+
+def write_rows(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_logit_kind_equals_probability_kind_on_sigmoid_scores(keys, tmp_path):
+    rng = np.random.default_rng(11)
+    rows = scored_rows(rng, lambda g: g.integers(-12, 13) / 2)  # a grid: ties in votes and in best-of
+    assert min(r["score"] for r in rows) < -3 and max(r["score"] for r in rows) > 3
+    logit = read_pool(write_rows(tmp_path / "logit.jsonl", rows), "logit")
+    prob = read_pool(write_rows(tmp_path / "prob.jsonl", [{**r, "score": sigmoid(r["score"])} for r in rows]))
+    cfg = EvalConfig(subsets=40, seed=3, taus=[0.4, 0.6, 0.8])
+    got = pool_report(logit, dataclasses.replace(cfg, score_kind="logit"), keys)
+    want = pool_report(prob, cfg, keys)
+    assert got["budgets"].keys() == want["budgets"].keys() == {"8", "16"}
+    for b in got["budgets"]:
+        assert got["budgets"][b] == pytest.approx(want["budgets"][b], nan_ok=True)
+    assert len(got["adaptive"]) == 3 and all(g == pytest.approx(w) for g, w in zip(got["adaptive"], want["adaptive"]))
+    assert got["scores"]["kind"] == "logit" and got["budgets"]["8"]["verifier_ece"] > 0
+
+
+def brute_force(samples, k, temperature):
+    """best-of@k and softmax-weighted@k of a reward pool over every k-subset, straight from the definitions."""
+    best, weighted = [], []
+    for sub in itertools.combinations(samples, k):
+        valid = [s for s in sub if s.answer is not None]
+        if not valid:
+            best.append(0.0), weighted.append(0.0)
+            continue
+        top = max(s.score for s in valid)
+        best.append(np.mean([s.correct for s in valid if s.score == top]))
+        z = sum(np.exp(s.score / temperature) for s in valid)
+        vote = {}
+        for s in valid:
+            vote[s.answer] = vote.get(s.answer, 0.0) + np.exp(s.score / temperature) / z
+        winners = [a for a, v in vote.items() if v >= max(vote.values()) * (1 - 1e-9)]
+        weighted.append(np.mean([a == 0 for a in winners]))
+    return float(np.mean(best)), float(np.mean(weighted))
+
+
+def reward_pool(rng, n=7):
+    return [scaling.Sample(None if (a := int(rng.integers(-1, 3))) < 0 else a, a == 0,
+                           float(rng.integers(-8, 9)) * 1.5) for _ in range(n)]  # ties, negatives
+
+
+def test_reward_best_of_and_weighted_match_brute_force():
+    rng = np.random.default_rng(12)
+    for _ in range(30):
+        pool = reward_pool(rng)
+        temperature = float(rng.choice([0.5, 2.0, 10.0]))
+        m = scaling.evaluate([pool], [1, 2, 4, 7], subsets=5, kind="reward", temperature=temperature)
+        for k in (1, 2, 4, 7):
+            best, weighted = brute_force(pool, k, temperature)
+            assert m[f"best_of@{k}"] == pytest.approx(best)
+            exact = scaling.weighted_at_k_exact(pool, k, kind="reward", temperature=temperature)
+            assert exact == pytest.approx(weighted)
+        assert m["weighted@7"] == pytest.approx(brute_force(pool, 7, temperature)[1])  # one subset: the pool
+        assert m["verifier_ece"] is None and m["verifier_accuracy"] is None
+        pos = [s.score for s in pool if s.correct and s.answer is not None]
+        neg = [s.score for s in pool if not (s.correct and s.answer is not None)]
+        pairs = [(a > b) + 0.5 * (a == b) for a in pos for b in neg]  # Mann-Whitney on the raw rewards
+        assert m["verifier_auc_pooled"] == pytest.approx(np.mean(pairs) if pairs else np.nan, nan_ok=True)
+
+
+def test_reward_weights_are_shift_invariant_and_span_best_of_to_majority():
+    rng = np.random.default_rng(13)
+    for _ in range(30):
+        ranks = rng.permutation(7)  # distinct rewards 1.5 apart, so best-of has no ties
+        pool = [dataclasses.replace(s, score=1.5 * float(r) - 4.0) for s, r in zip(reward_pool(rng), ranks)]
+        shifted = [dataclasses.replace(s, score=s.score + 5000.0) for s in pool]  # exp(5000) would overflow
+        for k in (2, 4, 7):
+            w = scaling.weighted_at_k_exact(pool, k, kind="reward", temperature=1.0)
+            assert w == pytest.approx(brute_force(pool, k, 1.0)[1])
+            assert scaling.weighted_at_k_exact(shifted, k, kind="reward", temperature=1.0) == pytest.approx(w)
+            # T -> 0: the answer of the top reward wins (best-of); T -> inf: every weight 1 (majority)
+            cold = scaling.weighted_at_k_exact(pool, k, kind="reward", temperature=0.05)
+            assert cold == pytest.approx(brute_force(pool, k, 1.0)[0])
+            hot = scaling.weighted_at_k_exact(pool, k, kind="reward", temperature=1e12)
+            assert hot == pytest.approx(scaling.majority_at_k_exact(pool, k))
+
+
+def test_cli_reward_pool_evaluates_with_the_declared_kind_and_refusals_leave_no_out(tmp_path):
+    rng = np.random.default_rng(14)
+    rows = scored_rows(rng, lambda g: g.normal(0, 4) * 10, budgets=(8,), n=4)  # unbounded, negative
+    rows[5]["score"] = -3.2
+    pool = write_rows(tmp_path / "rm.jsonl", rows)
+    line = next(i for i, r in enumerate(rows, 1) if not 0 <= r["score"] <= 1)
+    out = tmp_path / "a" / "b" / "out"
+    done = _cli("--pool", str(pool), "--out", str(out), "task.grader_workers=1")
+    assert done.returncode == 2
+    assert (f"{pool}:{line}: field 'score' is {rows[line - 1]['score']!r}, outside [0, 1] for "
+            "eval.score_kind=probability (declare eval.score_kind=logit or reward") in done.stderr
+    assert not (tmp_path / "a").exists()  # not even the parents
+    done = _cli("--pool", str(pool), "--out", str(out), "eval.score_kind=reward", "eval.reward_temperature=0")
+    assert done.returncode == 2 and "eval.reward_temperature=0.0: must be a finite number > 0" in done.stderr
+    done = _cli("--pool", str(pool), "--out", str(out), "eval.score_kind=reward", "eval.reward_temperature=3",
+                "eval.subsets=10", "task.grader_workers=1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    rep = json.loads((out / "metrics.json").read_text())
+    assert rep["scores"] == {"kind": "reward", "doc": "docs/eval-scores.md", "reward_temperature": 3.0,
+                             "undefined": UNDEFINED_FOR_REWARDS}
+    m = rep["budgets"]["8"]
+    assert m["verifier_ece"] is None and m["verifier_accuracy"] is None
+    problems = [[scaling.Sample(None if r["answer"] is None else r["answer"] if not r["correct"] else 0, r["correct"],
+                                r["score"]) for r in rows[i:i + 4]] for i in range(0, len(rows), 4)]
+    for k in (1, 2, 4):
+        want = np.mean([brute_force(p, k, 3.0) for p in problems], axis=0)
+        assert m[f"best_of@{k}"] == pytest.approx(want[0])
+    assert m["weighted@4"] == pytest.approx(want[1])
+    assert "eval.score_kind=reward" in (out / "report.md").read_text()
+    # a refusal after the rows are read (k > N) leaves a fresh --out uncreated and an old one as it was
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    for target in (out, tmp_path / "fresh"):
+        with pytest.raises(ConfigError, match="eval.strategy_k=9"):
+            app.run(compose("eval", ["eval.score_kind=reward", "eval.strategy_k=9", "task.grader_workers=1"]),
+                    pool=str(pool), out=str(target))
+    assert not (tmp_path / "fresh").exists()
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    with pytest.raises(ConfigError, match="eval.score_kind=reward: a pool sampled from a model"):
+        app.run(compose("eval", ["eval.score_kind=reward"]), model=str(tmp_path), out=str(tmp_path / "m"))
+    assert not (tmp_path / "m").exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -78,17 +79,32 @@ def run(cfg: Config, model: str | None = None, pool: str | None = None, baseline
         out: str | None = None, model_dir: str | None = None) -> Path:
     """Sample a pool from `model` (written to out/pool.jsonl) or read `pool`, compute every metric (against
     `baseline`, a pool file, when given) and write the outputs under `out` (default eval.out_dir).
-    Returns the path of metrics.json."""
+    Returns the path of metrics.json. Refused input (a bad file or config) leaves `out` as it was: nothing
+    is created before every input is read and every metric computed, and a failure removes what this call
+    created (a sampled pool.jsonl stays: it is the expensive part)."""
     if (model is None) == (pool is None):
         raise ConfigError("give a model (Hugging Face directory or checkpoint) or --pool FILE, not both")
     validate(cfg)
+    kind = cfg.eval.score_kind
+    if model is not None and kind != "probability":
+        raise ConfigError(f"eval.score_kind={kind}: a pool sampled from a model is scored with its P(Yes), a "
+                          "probability; the other kinds are for --pool files")
     out = Path(out or cfg.eval.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    base = read_pool(baseline) if baseline else None  # bad files fail before any sampling
-    pools = read_pool(pool) if pool is not None else sample(cfg, model, model_dir)
-    if pool is None:
+    base = read_pool(baseline, kind) if baseline else None  # bad files fail before any sampling
+    if pool is not None:
+        pools = read_pool(pool, kind)
+    else:
+        pools = sample(cfg, model, model_dir)
+        out.mkdir(parents=True, exist_ok=True)
         write_pool(out / "pool.jsonl", pools)
-    with AnswerKeys(cfg.task.grader_workers, cfg.task.grader_timeout_s, out / "answer_keys.json") as keys:
-        report = pool_report(pools, cfg.eval, keys, base)
-        keys.save()
-    return write_all(report, out)
+    created = next((p for p in reversed([out, *out.parents]) if not p.exists()), None)  # the top new folder
+    try:
+        with AnswerKeys(cfg.task.grader_workers, cfg.task.grader_timeout_s, out / "answer_keys.json") as keys:
+            report = pool_report(pools, cfg.eval, keys, base)
+            out.mkdir(parents=True, exist_ok=True)
+            keys.save()
+        return write_all(report, out)
+    except BaseException:
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        raise

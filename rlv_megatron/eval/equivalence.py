@@ -68,6 +68,11 @@ def math_key(answer: str, _unused: str = "") -> str:
 CANONICALISERS = {"math": "math_key"}  # task name -> GraderPool function; other tasks: the string itself
 
 
+# Bumped whenever a canonicaliser changes what it returns (v2: percent signs dropped), so that an on-disk cache
+# written by an older version is ignored rather than mixing two kinds of key.
+KEYS_VERSION = 2
+
+
 class AnswerKeys:
     """Canonical keys of answer strings, computed once per (task, answer) in a process pool and cached (also
     on disk when `cache_path` is given)."""
@@ -77,7 +82,8 @@ class AnswerKeys:
         self.cache_path = Path(cache_path) if cache_path else None
         self.cache: dict[str, dict[str, str]] = {}
         if self.cache_path is not None and self.cache_path.is_file():
-            self.cache = json.loads(self.cache_path.read_text())
+            self.cache = {section: keys for section, keys in json.loads(self.cache_path.read_text()).items()
+                          if section.endswith(f"@v{KEYS_VERSION}")}
         self.stats = {"computed": 0, "timeouts": 0, "errors": 0}
         self._pools: dict[str, GraderPool] = {}
 
@@ -86,7 +92,7 @@ class AnswerKeys:
         fn = CANONICALISERS.get(task)
         if fn is None:
             return {a: a for a in answers}
-        cache = self.cache.setdefault(task, {})
+        cache = self.cache.setdefault(f"{task}@v{KEYS_VERSION}", {})
         todo = sorted({a for a in answers if a not in cache})
         if todo:
             if fn not in self._pools:

@@ -49,11 +49,25 @@ def budget_label(budget: int | None) -> str:
     return "pool" if budget is None else str(budget)
 
 
+UNDEFINED_FOR_REWARDS = {
+    "verifier_accuracy": "needs probabilities (P >= 0.5); a raw reward has no threshold",
+    "verifier_ece": "calibration needs probabilities; a raw reward is none",
+    "adaptive": "the confidence threshold tau is a probability; a raw reward is none"}
+
+
+def scores_info(cfg: EvalConfig) -> dict:
+    info = {"kind": cfg.score_kind, "doc": "docs/eval-scores.md"}
+    if cfg.score_kind == "reward":
+        info.update(reward_temperature=cfg.reward_temperature, undefined=UNDEFINED_FOR_REWARDS)
+    return info
+
+
 def pool_report(pools: dict[int | None, list[list[dict]]], cfg: EvalConfig, keys: AnswerKeys,
                 baseline: dict[int | None, list[list[dict]]] | None = None) -> dict:
-    """{"budgets": {label: metrics}, "best_strategy": {label: ...}, "adaptive": [...] (two budgets or more),
-    "efficiency": {label: {k: ...}} (with a baseline, per budget both pools have), "grouping": stats}."""
-    report: dict = {"budgets": {}, "best_strategy": {}}
+    """{"budgets": {label: metrics}, "best_strategy": {label: ...}, "adaptive": [...] (two budgets or more,
+    not for rewards), "efficiency": {label: {k: ...}} (with a baseline, per budget both pools have),
+    "scores": the score kind (and what it leaves undefined), "grouping": stats}."""
+    report: dict = {"budgets": {}, "best_strategy": {}, "scores": scores_info(cfg)}
     samples, lengths = {}, {}
     for budget, pool in pools.items():
         task = pool[0][0].get("task") or "math"  # the default of `rlv eval`
@@ -65,15 +79,16 @@ def pool_report(pools: dict[int | None, list[list[dict]]], cfg: EvalConfig, keys
         if not 1 <= k <= n:
             raise ConfigError(f"eval.strategy_k={k}: must be between 1 and the pool size N={n}")
         ks = sorted(set(scaling.powers_of_two_up_to(n)) | {k})
-        m = scaling.evaluate(samples[budget], ks, subsets=cfg.subsets, seed=cfg.seed)
+        m = scaling.evaluate(samples[budget], ks, subsets=cfg.subsets, seed=cfg.seed, kind=cfg.score_kind,
+                             temperature=cfg.reward_temperature)
         m["samples"] = n
         m["mean_length"] = float(np.mean(lengths[budget]))
         m["answers_per_problem"] = float(np.mean([len({r["answer"] for r in rows} - {None}) for rows in pool]))
         m["groups_per_problem"] = float(np.mean([len(set(v) - {None}) for v in votes]))
         report["budgets"][budget_label(budget)] = m
         report["best_strategy"][budget_label(budget)] = sequential.best_strategy(m, k)
-    numeric = {b: s for b, s in samples.items() if b is not None}
-    if len(numeric) >= 2:
+    numeric = {b: scaling.as_probabilities(s, cfg.score_kind) for b, s in samples.items() if b is not None}
+    if len(numeric) >= 2 and cfg.score_kind != "reward":
         report["adaptive"] = sequential.adaptive(numeric, {b: lengths[b] for b in numeric}, cfg.taus)
     if baseline is not None:
         base = pool_report(baseline, cfg, keys)["budgets"]

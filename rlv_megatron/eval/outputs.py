@@ -14,6 +14,12 @@ from rlv_megatron.atomic import atomic_write_text
 
 def markdown(rep: dict) -> str:
     parts = ["# Test-time scaling", ""]
+    sc = rep.get("scores", {})
+    if sc.get("kind", "probability") != "probability":
+        parts += [f"Scores: eval.score_kind={sc['kind']} ({sc['doc']})."]
+        if "reward_temperature" in sc:
+            parts[-1] += f" Vote weights exp((r - max r) / T), T={sc['reward_temperature']:g}."
+        parts += [f"- {name}: not defined ({why})" for name, why in sc.get("undefined", {}).items()] + [""]
     for label, m in rep["budgets"].items():
         parts += [f"## max tokens {label} (N={m['samples']}, mean length {m['mean_length']:.1f})", "",
                   run_report.table(m), ""]
@@ -87,7 +93,7 @@ def tensorboard(rep: dict, out: Path) -> None:
     for label, m in rep["budgets"].items():
         for key, v in m.items():
             name, _, k = key.partition("@")
-            if v == v:  # NaN (undefined AUC) is left out
+            if isinstance(v, (int, float)) and v == v:  # NaN (undefined AUC) and None are left out
                 writer.add_scalar(f"max_tokens_{label}/{name}", v, int(k) if k else 0)
     for i, a in enumerate(rep.get("adaptive", [])):
         for key in ("tau", "accuracy", "tokens"):

@@ -32,7 +32,14 @@ def write_pool(path: str | Path, pools: dict[int, list[list[dict]]]) -> Path:
     return path
 
 
-def _check(row: dict, path: Path, lineno: int) -> dict:
+def _number(v) -> float:
+    try:
+        return float(v)
+    except OverflowError:  # an int too large for a float
+        return math.inf
+
+
+def _check(row: dict, path: Path, lineno: int, kind: str = "probability") -> dict:
     for name in REQUIRED:
         if name not in row:
             raise PoolError(f"{path}:{lineno}: missing field {name!r} (a pool row needs {', '.join(REQUIRED)})")
@@ -42,20 +49,27 @@ def _check(row: dict, path: Path, lineno: int) -> dict:
         if wrong and (name in REQUIRED or v is not None):  # an optional field may be null (parquet)
             expected = " or ".join(t.__name__ for t in types)
             raise PoolError(f"{path}:{lineno}: field {name!r} is {v!r}, expected {expected}")
-    lp = row.get("logprob_mean")
-    if not (0.0 <= row["score"] <= 1.0) or (lp is not None and not math.isfinite(lp)) or row["length"] < 0:
-        raise PoolError(f"{path}:{lineno}: score must be in [0, 1], logprob_mean finite and length >= 0")
+    for name in ("score", "logprob_mean"):
+        if row.get(name) is not None and not math.isfinite(_number(row[name])):
+            raise PoolError(f"{path}:{lineno}: field {name!r} is {row[name]!r}, expected a finite number")
+    if kind == "probability" and not 0.0 <= row["score"] <= 1.0:
+        raise PoolError(f"{path}:{lineno}: field 'score' is {row['score']!r}, outside [0, 1] for "
+                        "eval.score_kind=probability (declare eval.score_kind=logit or reward for unbounded "
+                        "scores)")
+    if row["length"] < 0:
+        raise PoolError(f"{path}:{lineno}: field 'length' is {row['length']!r}, expected >= 0")
     return row
 
 
-def read_pool(path: str | Path) -> dict[int | None, list[list[dict]]]:
+def read_pool(path: str | Path, kind: str = "probability") -> dict[int | None, list[list[dict]]]:
     """Rows grouped by budget (`max_tokens`, None when absent) and problem, in file order; every problem of
-    a budget must have the same number of samples N."""
+    a budget must have the same number of samples N. `kind` (eval.score_kind): what `score` is; any finite
+    number for "logit" and "reward", in [0, 1] for "probability"."""
     path = Path(path)
     pools: dict = {}
     first_line: dict = {}
     for lineno, row in iter_rows(path):  # DataError names file:line for unreadable lines
-        row = _check(row, path, lineno)
+        row = _check(row, path, lineno, kind)
         budget = row.get("max_tokens")
         pools.setdefault(budget, {}).setdefault(str(row["problem_id"]), []).append(row)
         first_line.setdefault((budget, str(row["problem_id"])), lineno)
