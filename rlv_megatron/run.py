@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import sys
 import warnings
 from pathlib import Path
 
 import torch
 
-from rlv_megatron.config import Config
+from rlv_megatron.config import Config, ConfigError, TaskConfig, validate
 from rlv_megatron.models.hf_config import ModelArch
+
+# what a run writes under train.out_dir (hydra/ is Hydra's own, written before the run starts)
+OUTPUTS = ("checkpoints", "start", "model", "tb", "metrics.jsonl", "metrics.json", "history.json", "pool.jsonl",
+           "curves.png")
 
 
 def scratch_arch(cfg: Config, vocab_size: int, tokenizer) -> ModelArch:
@@ -20,6 +26,43 @@ def scratch_arch(cfg: Config, vocab_size: int, tokenizer) -> ModelArch:
                      head_dim=m.hidden_size // m.num_heads, norm_eps=1e-6, rope_theta=10000.0,
                      max_position_embeddings=m.max_position_embeddings, qkv_bias=True, tie_word_embeddings=False,
                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+
+
+def evaluates(cfg: Config) -> bool:
+    """Whether the run evaluates on held-out problems at all."""
+    return cfg.eval.final or cfg.eval.before_rl or cfg.train.eval_every > 0
+
+
+def task_config(cfg: Config) -> tuple[TaskConfig, int]:
+    """The task config and held-out problem count the run builds its task with."""
+    if evaluates(cfg):
+        if cfg.task.name in ("math", "gsm8k") and cfg.task.eval_path is None:
+            raise ConfigError(f"task.eval_path: required for task.name={cfg.task.name} to evaluate (eval.final, "
+                              "eval.before_rl, train.eval_every); eval.final=false alone runs without one")
+        return cfg.task, cfg.eval.num_problems
+    return cfg.task, 0  # nothing held out, no eval file read
+
+
+def announce(cfg: Config, out: Path) -> Path | None:
+    """The checkpoint the run resumes from (None: it starts over), said on stderr before any long work.
+    Starting over in a used out_dir removes its appended logs (metrics.jsonl, tb/) on global rank 0."""
+    from rlv_megatron.train import checkpoint
+
+    resume = checkpoint.latest(out / "checkpoints") if cfg.train.resume else None
+    if int(os.environ.get("RANK", "0")) != 0:
+        return resume
+    if resume is not None:
+        msg = (f"resuming from {resume} (RL step {checkpoint.verify(resume)['step']}): delete {out} or pass "
+               "train.resume=false to start over")
+    elif any((out / name).exists() for name in OUTPUTS):
+        why = "no complete checkpoint" if cfg.train.resume else "train.resume=false"
+        msg = f"{out} holds an earlier run's outputs ({why}): starting over, this run overwrites them"
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+        shutil.rmtree(out / "tb", ignore_errors=True)
+    else:
+        return None
+    print(f"rlv: {msg}", file=sys.stderr, flush=True)
+    return resume
 
 
 def run(cfg: Config) -> Path | None:
@@ -44,9 +87,12 @@ def run(cfg: Config) -> Path | None:
     warnings.filterwarnings("ignore", message="The value of the smallest subnormal")
     torch.set_flush_denormal(True)  # CPU steps slow down ~4x on denormals after a few dozen steps
     torch.manual_seed(cfg.train.seed)
+    validate(cfg)  # the architecture-free checks, before any work
+    task_cfg, num_eval = task_config(cfg)
     out = Path(cfg.train.out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    task = make_task(cfg.task, cfg.verifier.question, cfg.eval.num_problems, seed=0, tokenizer_path=cfg.model.path)
+    resume = announce(cfg, out)
+    task = make_task(task_cfg, cfg.verifier.question, num_eval, seed=0, tokenizer_path=cfg.model.path)
     fmt = ChatFormat(task.tokenizer, cfg.verifier.question, two_way=cfg.verifier.loss == "yes_no")
     arch = None if cfg.model.path else scratch_arch(cfg, len(task.tokenizer), task.tokenizer)
     policy = Policy(cfg, arch)
@@ -54,7 +100,6 @@ def run(cfg: Config) -> Path | None:
     lead = place.owns_engine and place.dp_rank == 0  # global rank 0 logs, evaluates and writes the report
     metrics = Metrics(str(out / "tb"), str(out / "metrics.jsonl")) if lead else Metrics(None)
     results: dict = {}
-    resume = checkpoint.latest(out / "checkpoints") if cfg.train.resume else None
     start_step = 0
     if resume is not None:
         if cfg.algo.kl_beta > 0:
@@ -67,7 +112,7 @@ def run(cfg: Config) -> Path | None:
             results["sft"] = warm_start(policy, task, fmt, cfg, metrics)
     if cfg.algo.kl_beta > 0 and policy.reference is None:
         policy.freeze_reference()
-    start = policy.export(out / "start", task.tokenizer)  # collective
+    start = policy.export(out / "start", task.tokenizer, dtype=getattr(torch, cfg.model.params_dtype))  # collective
     engine = make_engine("vllm", str(start), cfg.rollout) if place.owns_engine else None
     try:
         if cfg.eval.before_rl and lead:
@@ -75,25 +120,38 @@ def run(cfg: Config) -> Path | None:
         results["during_rl"] = train(policy, engine, task, fmt, cfg, metrics, out, start_step)
         if not lead:
             return None
-        with metrics.timer("eval"):
-            final, pool = evaluate(engine, fmt, task, task.eval, cfg.eval, cfg.algo.max_tokens)
-        metrics.log(cfg.train.steps, {f"eval/{k}": v for k, v in final.items()})
+        final, pool = {}, []
+        if cfg.eval.final:
+            with metrics.timer("eval"):
+                final, pool = evaluate(engine, fmt, task, task.eval, cfg.eval, cfg.algo.max_tokens)
+            metrics.log(cfg.train.steps, {f"eval/{k}": v for k, v in final.items()})
     finally:
         if engine is not None:
             engine.close()
         metrics.close()
         task.close()
-    with open(out / "pool.jsonl", "w") as f:
-        for rows in pool:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
+    if not cfg.train.keep_start:
+        shutil.rmtree(start, ignore_errors=True)  # the engine read it at start-up and is closed
+    if pool:
+        with open(out / "pool.jsonl", "w") as f:
+            for rows in pool:
+                for r in rows:
+                    f.write(json.dumps(r) + "\n")
     results.update(final=final, history=metrics.history, config=_plain(cfg))
     (out / "history.json").write_text(json.dumps(results, indent=1, default=str))
-    report.plot(metrics.history, final, out / "curves.png")
-    print(report.table(final))
-    print(report.headline(final))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="No artists with labels")  # no held-out curves
+        report.plot(metrics.history, final, out / "curves.png")
+    rl = [h for h in metrics.history if "reward/mean" in h]
+    if final:
+        print(report.table(final))
+        print(report.headline(final))
+    else:
+        print("no final evaluation (eval.final=false)" +
+              (f"; last RL step {rl[-1]['step']}: reward/mean {rl[-1]['reward/mean']:.3f}" if rl else ""))
     path = out / "metrics.json"
-    path.write_text(json.dumps(final, indent=2))
+    # the held-out metrics; without a final evaluation, the last RL step's training metrics
+    path.write_text(json.dumps(final or (rl[-1] if rl else {}), indent=2))
     return path
 
 

@@ -45,8 +45,8 @@ class ChatFormat:
     def _single_token(self, word: str) -> int:
         ids = self.tokenizer.encode(word, add_special_tokens=False)
         if len(ids) != 1:
-            raise ValueError(f"verifier.{word.lower()}={word!r} is {len(ids)} tokens for this tokenizer; "
-                             "the verifier answer must be one token")
+            raise ValueError(f"the verifier answer {word!r} is {len(ids)} tokens for this tokenizer (model.path); "
+                             "it must be one token: a model whose tokenizer encodes 'Yes' and 'No' as one each")
         return ids[0]
 
     def prompt_ids(self, problem: str) -> list[int]:

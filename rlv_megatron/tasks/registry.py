@@ -55,7 +55,25 @@ def _subset_sum(cfg: TaskConfig, question: str, num_eval: int, seed: int, tokeni
         return good, bad
 
     return Task("subset_sum", held_out, lambda n, seed: ss.problems(n, seed=seed, cfg=scfg, exclude=exclude),
-                ss.make_tokenizer(question), grade, ss.extract_answer, sft_pairs)
+                _subset_sum_tokenizer(question, tokenizer_path), grade, ss.extract_answer, sft_pairs)
+
+
+def _subset_sum_tokenizer(question: str, model_dir: str | None):
+    """The character tokenizer for a scratch model; a model directory's own tokenizer otherwise (a run's
+    start/ or model/ export holds the character one; any other model trains on its own tokens)."""
+    from pathlib import Path
+
+    from rlv_megatron.tasks import subset_sum as ss
+
+    if model_dir is None:
+        return ss.make_tokenizer(question)
+    # without these files transformers builds an empty tokenizer from config.json instead of failing
+    if not any((Path(model_dir) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        raise ConfigError(f"model.path={model_dir}: no tokenizer (tokenizer.json or tokenizer_config.json); "
+                          "task.name=subset_sum uses the model's own tokenizer when model.path is set")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
 
 
 def _dataset_task(name: str, grader: str, loader_name: str, answer_key_name: str):
@@ -66,14 +84,14 @@ def _dataset_task(name: str, grader: str, loader_name: str, answer_key_name: str
 
         from rlv_megatron.tasks import graders, math_data
 
-        for field_name in ("train_path", "eval_path"):
+        for field_name in ("train_path", "eval_path") if num_eval else ("train_path",):  # 0: no evaluation
             if getattr(cfg, field_name) is None:
                 raise ConfigError(f"task.{field_name}: required for task.name={name} (a jsonl or parquet file)")
         if tokenizer_path is None:
             raise ConfigError(f"model.path: task.name={name} needs the model's Hugging Face tokenizer")
         load = getattr(math_data, loader_name)
         train = load(cfg.train_path, skip_invalid=True)
-        held_out = load(cfg.eval_path)[:num_eval]
+        held_out = load(cfg.eval_path)[:num_eval] if num_eval else []
         pool = graders.GraderPool(grader, workers=cfg.grader_workers, timeout_s=cfg.grader_timeout_s)
         return Task(name, held_out, lambda n, seed: random.Random(seed).sample(train, n),
                     AutoTokenizer.from_pretrained(tokenizer_path), pool.grade,

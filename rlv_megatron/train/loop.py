@@ -132,10 +132,11 @@ def train(policy, engine, task, fmt, cfg, metrics, out_dir: Path, start_step: in
         last = step == cfg.train.steps - 1
         if lead and cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and not last:
             evals.append(run_eval(step, engine, task, fmt, cfg, metrics))
-        if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0 or last:
-            checkpoint.save(policy, out_dir / "checkpoints", step + 1, {"phase": "rl"}, cfg.train.keep_checkpoints)
-        if last:
-            policy.export(out_dir / "model", task.tokenizer)
+        keep = cfg.train.keep_checkpoints
+        if keep and (cfg.train.save_every and (step + 1) % cfg.train.save_every == 0 or last):
+            checkpoint.save(policy, out_dir / "checkpoints", step + 1, {"phase": "rl"}, keep)
+        if last and cfg.train.export_final:
+            policy.export(out_dir / "model", task.tokenizer, dtype=getattr(torch, cfg.model.params_dtype))
     return evals
 
 
