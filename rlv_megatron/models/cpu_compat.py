@@ -2,7 +2,7 @@
 
 Applied only when no GPU is present (`apply_if_no_gpu`). Each patch replaces a named megatron-core or
 torch.cuda attribute; `PATCHED_INTERNALS` lists them so a test fails loudly when a megatron-core upgrade
-renames or removes one (the patch would otherwise silently stop applying). Facts: shared/docs/cpu-stack.md.
+renames or removes one (the patch would otherwise silently stop applying). Facts: docs/cpu-stack.md.
 """
 
 from __future__ import annotations

@@ -1,4 +1,9 @@
-"""Loading math datasets (MATH, MATH-500, GSM8K) from jsonl or parquet into `Problem`s."""
+"""Loading math datasets (MATH, MATH-500, GSM8K) into `Problem`s.
+
+A dataset is named by a file (.jsonl or .parquet), by a name in the project's cache (`math/train`,
+`math500/test`, `gsm8k/test`, ...: rlv_megatron/assets.py), or by a Hugging Face dataset id
+`hf:ID[:CONFIG]:SPLIT` (needs the `datasets` package and network access).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ from typing import Iterator
 
 from rlv_megatron.tasks.graders import extract_boxed, extract_gsm8k
 
-__all__ = ["DataError", "Problem", "iter_rows", "load_gsm8k", "load_math", "read_rows"]
+__all__ = ["DataError", "Problem", "dataset_rows", "iter_rows", "load_gsm8k", "load_math", "read_rows"]
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +62,48 @@ def iter_rows(path: str | Path) -> Iterator[tuple[int, dict]]:
         raise DataError(f"{path}: unsupported file type {path.suffix!r} (expected .jsonl or .parquet)")
 
 
-def read_rows(path: str | Path) -> list[dict]:
-    """All rows of a .jsonl (blank lines skipped) or .parquet file; DataError on bad files or lines."""
-    return [row for _, row in iter_rows(path)]
+def read_rows(spec: str | Path) -> list[dict]:
+    """All rows of a dataset (a .jsonl file, blank lines skipped, a .parquet file, a cached name or an hf:
+    id); DataError on bad files or lines."""
+    return [row for _, row in dataset_rows(spec)[1]]
+
+
+def _hf_rows(spec: str) -> Iterator[tuple[int, dict]]:
+    parts = spec[len("hf:"):].split(":")
+    if len(parts) not in (2, 3) or not all(parts):
+        raise DataError(f"{spec}: expected hf:ID:SPLIT or hf:ID:CONFIG:SPLIT (e.g. hf:openai/gsm8k:main:test)")
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"{spec}: Hugging Face datasets need the `datasets` package (pip install datasets) "
+                        "and network access; or name a file or a cached dataset") from None
+    ds_id, config, split = parts[0], (parts[1] if len(parts) == 3 else None), parts[-1]
+    try:
+        rows = datasets.load_dataset(ds_id, config, split=split)
+    except Exception as e:  # the hub client raises many types; the spec is what the user can fix
+        raise DataError(f"{spec}: cannot load: {e}") from e
+    yield from enumerate(rows, 1)
+
+
+def dataset_rows(spec: str | Path) -> tuple[Path, Iterator[tuple[int, dict]]]:
+    """(a path naming the source in messages and ids, its (line, row) pairs) for a file, a cached dataset
+    name or an `hf:` id."""
+    from rlv_megatron import assets
+
+    text = str(spec)
+    if text.startswith("hf:"):
+        return Path(text[3:].replace(":", "/")), _hf_rows(text)
+    if text in assets.DATASETS and not Path(text).is_file():
+        try:
+            path = assets.dataset_path(text)
+        except assets.AssetError as e:
+            raise DataError(str(e)) from None
+        return path, iter_rows(path)
+    path = Path(spec)
+    if not path.is_file() and not path.suffix:
+        raise DataError(f"{spec}: not a file, a cached dataset ({', '.join(assets.DATASETS)}) "
+                        "or hf:ID[:CONFIG]:SPLIT")
+    return path, iter_rows(path)
 
 
 def _text(row: dict, field: str) -> str | None:
@@ -70,10 +114,10 @@ def _text(row: dict, field: str) -> str | None:
     return v if v.strip() else None
 
 
-def _load(path: str | Path, parse_row, source: str, skip_invalid: bool) -> list[Problem]:
-    path = Path(path)
+def _load(spec: str | Path, parse_row, source: str, skip_invalid: bool) -> list[Problem]:
+    path, rows = dataset_rows(spec)
     out, skipped = [], []
-    for lineno, row in iter_rows(path):
+    for lineno, row in rows:
         try:
             out.append(Problem(*parse_row(row, path, lineno), source=source))
         except DataError as e:
@@ -114,7 +158,7 @@ def _gsm8k_row(row: dict, path: Path, lineno: int) -> tuple[str, str, str]:
 
 
 def load_math(path: str | Path, source: str = "math", skip_invalid: bool = False) -> list[Problem]:
-    """MATH / MATH-500 rows: gold = `answer` if the row has one, else the last \\boxed{} of `solution`.
+    """MATH / MATH-500 rows (`path`: a file, a cached dataset name or an hf: id): gold = `answer` if the row has one, else the last \\boxed{} of `solution`.
 
     A row without a problem or an answer raises DataError, or with skip_invalid=True is skipped (logged).
     """
