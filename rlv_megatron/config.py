@@ -25,6 +25,9 @@ class ModelConfig:
     path: Optional[str] = None  # Hugging Face model directory to start from
     impl: str = "auto"  # auto | local | te  (TransformerEngine spec; auto picks te when importable on GPU)
     params_dtype: str = "float32"  # float32 | bfloat16
+    # the local spec's core attention: sdpa = torch's fused scaled_dot_product_attention (no [s, s] scores kept
+    # for the backward); dot_product = megatron's DotProductAttention (materialised scores and probabilities)
+    local_attention: str = "sdpa"
     fp8: Optional[str] = None  # None | e4m3 | hybrid   (te only)
     fp8_recipe: str = "delayed"  # delayed | tensorwise | mxfp8 | blockwise
     fp8_margin: int = 0  # TE DelayedScaling margin (powers of 2 of headroom)
@@ -58,6 +61,10 @@ class RolloutConfig:
     # "raw_logprobs": the model's, before sampling transforms.
     logprobs_mode: str = "processed_logprobs"
     logprobs_topk: int = 20  # verifier scoring: a "Yes" outside the top-k counts as P=0
+    # CPU only: the cores of the engine's OpenMP threads (VLLM_CPU_OMP_THREADS_BIND): "all" = every core this
+    # process may run on (trainer and engine take turns, so both use all); "auto" = vLLM's own choice (one
+    # core per worker here); or an explicit list such as "0-1" ("0|1" per rank under rollout TP)
+    cpu_threads_bind: str = "all"
 
 
 @dataclass
@@ -73,6 +80,9 @@ class TaskConfig:
     held_out: int = 1000  # problems reserved for evaluation, never trained on (eval uses a prefix)
     grader_workers: int = 2  # grader processes (math-verify runs out of process)
     grader_timeout_s: float = 5.0  # per-answer grading time limit; a timed-out answer scores 0
+    # chat: the solve prompt and the verification turn through the tokenizer's chat template; raw: the problem
+    # text as it is (BOS first when the tokenizer adds one), the verification question on a new paragraph
+    prompt_format: str = "chat"
 
 
 @dataclass
@@ -83,12 +93,19 @@ class AlgoConfig:
     temperature: float = 1.0  # rollout sampling temperature; the policy's log-probs use the same
     top_p: float = 1.0  # rollout nucleus sampling
     max_tokens: int = 32  # response length limit of a rollout
+    # at least this many tokens per response (stop tokens ignored before it); = max_tokens: fixed-length
+    # rollouts, the same work as a trainer that samples a fixed length (benchmarks)
+    min_tokens: int = 0
     clip_low: float = 0.2  # PPO ratio clip below 1 (1 - clip_low)
     clip_high: float = 0.2  # PPO ratio clip above 1 (1 + clip_high; DAPO's clip-higher when > clip_low)
     loss_agg: str = "token_mean"  # token_mean | seq_mean | constant (Dr.GRPO: / max_tokens)
     kl_beta: float = 0.0  # k3 KL to the frozen initial policy; 0 = no reference model
     ppo_epochs: int = 1  # passes over a step's rollouts
     ppo_minibatches: int = 1  # optimizer steps per epoch (must divide the step's samples)
+    # the PPO ratio's old log-probs: recompute = a separate scoring forward before the updates; current = the
+    # training forward's own, detached (one update per batch only: there they are the same values); auto =
+    # current with one update per batch (ppo_epochs = ppo_minibatches = 1), else recompute
+    old_logprobs: str = "auto"
     tis_cap: Optional[float] = 2.0  # truncated importance sampling against the engine; None = off
     filter_equal_reward_groups: bool = True  # drop groups whose rewards are all equal (no policy gradient)
     adv_eps: float = 1e-6  # grpo: added to the group's std
@@ -99,6 +116,9 @@ class VerifierConfig:
     lam: float = 1.0  # lambda; 0 = the base RL method
     question: str = "Is this solution correct? Answer Yes or No"  # the verification turn's question after each response
     examples: str = "all"  # all | balanced
+    # lambda = 0: still append the verification turn to every rollout and log P(Yes)'s quality (verifier/*); its
+    # tokens then join the training forward. With lambda > 0 the turn is always there.
+    monitor: bool = False
     # full: the paper's CE over the vocabulary; scores are raw P("Yes"). yes_no: two-way CE (for a start that
     # never saw the format, toy-findings.md); scores are P(Yes) renormalised over {Yes, No}
     loss: str = "full"
@@ -158,6 +178,7 @@ class TrainConfig:
     keep_start: bool = True
     export_final: bool = True  # write <out_dir>/model/: the final policy as a HF directory
     resume: bool = True  # continue from out_dir/checkpoints/latest when there is one (said at start-up)
+    cpu_threads: int = 0  # CPU only: torch threads of the trainer; 0 = one per core this process may run on
     micro_batch_tokens: int = 4096  # token budget of one micro-batch (dynamic batch size)
     pack: bool = True  # pack sequences end to end into rows (little padding); false: one per row
     # packed row length; attention within a row costs O(row^2) under the local spec's mask (CPU): keep it a
@@ -186,6 +207,7 @@ class Config:
 _CHOICES = {
     "model.impl": ("auto", "local", "te"),
     "model.params_dtype": ("float32", "bfloat16"),
+    "model.local_attention": ("sdpa", "dot_product"),
     "model.fp8": (None, "e4m3", "hybrid"),
     "model.fp8_recipe": ("delayed", "tensorwise", "mxfp8", "blockwise"),
     "parallel.recompute": ("none", "selective", "full"),
@@ -194,12 +216,43 @@ _CHOICES = {
     "rollout.logprobs_mode": ("processed_logprobs", "raw_logprobs"),
     "algo.advantage": ("grpo", "rloo", "dr_grpo"),
     "algo.loss_agg": ("token_mean", "seq_mean", "constant"),
+    "algo.old_logprobs": ("auto", "recompute", "current"),
     "verifier.examples": ("all", "balanced"),
     "verifier.loss": ("full", "yes_no"),
     "train.logprob_impl": ("fused", "logits"),
     "task.name": ("subset_sum", "math", "gsm8k"),
+    "task.prompt_format": ("chat", "raw"),
     "eval.score_kind": ("probability", "logit", "reward"),
 }
+
+
+def usable_cores() -> list[int]:
+    """The CPU cores this process may run on (its affinity mask, which Slurm and taskset narrow)."""
+    import os
+
+    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+
+
+def cpu_threads_bind(rollout: RolloutConfig) -> str | None:
+    """VLLM_CPU_OMP_THREADS_BIND for `rollout.cpu_threads_bind` (None: leave it to vLLM)."""
+    import re
+
+    bind, tp = rollout.cpu_threads_bind, rollout.tensor_parallel_size
+    if bind == "auto":
+        return None
+    if bind == "all":
+        cores = usable_cores()
+        if tp > len(cores):
+            raise ConfigError(f"rollout.tensor_parallel_size={tp}: more engine ranks than the {len(cores)} "
+                              "usable cores (rollout.cpu_threads_bind=all)")
+        per = [cores[i::tp] for i in range(tp)]  # each rank its own cores
+        return "|".join(",".join(map(str, sorted(c))) for c in per)
+    if not re.fullmatch(r"\d+(-\d+)?(,\d+(-\d+)?)*(\|\d+(-\d+)?(,\d+(-\d+)?)*)*", bind):
+        raise ConfigError(f"rollout.cpu_threads_bind={bind!r}: all, auto, or core lists like 0-1 or 0|1")
+    if bind.count("|") + 1 != tp:
+        raise ConfigError(f"rollout.cpu_threads_bind={bind!r}: {bind.count('|') + 1} core set(s) for "
+                          f"rollout.tensor_parallel_size={tp} (one per rank, separated by |)")
+    return bind
 
 
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
@@ -253,6 +306,12 @@ def validate(cfg: Config, arch=None) -> None:
     if cfg.sft.warmup_steps < 0 or not 0.0 <= cfg.sft.min_lr_ratio <= 1.0:
         raise ConfigError(f"sft.warmup_steps={cfg.sft.warmup_steps}, sft.min_lr_ratio={cfg.sft.min_lr_ratio}: "
                           "need warmup_steps >= 0 and 0 <= min_lr_ratio <= 1")
+    if not 0 <= cfg.algo.min_tokens <= cfg.algo.max_tokens:
+        raise ConfigError(f"algo.min_tokens={cfg.algo.min_tokens}: must be in 0..algo.max_tokens "
+                          f"({cfg.algo.max_tokens})")
+    if cfg.train.cpu_threads < 0:
+        raise ConfigError(f"train.cpu_threads={cfg.train.cpu_threads}: must be >= 0 (0: every core)")
+    cpu_threads_bind(cfg.rollout)  # raises on a malformed list
     if cfg.train.keep_checkpoints < 0:
         raise ConfigError(f"train.keep_checkpoints={cfg.train.keep_checkpoints}: must be >= 0")
     if not cfg.train.logprob_chunk_mb > 0:
@@ -263,6 +322,9 @@ def validate(cfg: Config, arch=None) -> None:
         raise ConfigError(f"verifier.lam={cfg.verifier.lam}: must be >= 0")
     if cfg.algo.advantage in ("grpo", "rloo") and cfg.algo.group_size < 2:
         raise ConfigError(f"algo.group_size={cfg.algo.group_size}: {cfg.algo.advantage} needs groups of >= 2")
+    if cfg.algo.old_logprobs == "current" and cfg.algo.ppo_epochs * cfg.algo.ppo_minibatches > 1:
+        raise ConfigError(f"algo.old_logprobs=current: needs one update per batch, not algo.ppo_epochs="
+                          f"{cfg.algo.ppo_epochs} x algo.ppo_minibatches={cfg.algo.ppo_minibatches} (use recompute)")
     n = cfg.algo.prompts_per_step * cfg.algo.group_size
     if n % cfg.algo.ppo_minibatches:
         raise ConfigError(f"algo.ppo_minibatches={cfg.algo.ppo_minibatches}: does not divide the "

@@ -8,6 +8,11 @@ import threading
 
 ROLLOUT_TOKENS_PER_S = "throughput/rollout_tokens_per_s"  # generated tokens / rollout seconds (cluster)
 TRAIN_TOKENS_PER_S = "throughput/train_tokens_per_s"  # tokens trained (x ppo epochs) / train seconds (cluster)
+# peers' step rates, over the wall-clock step (rollout + reward + train + sync), cluster-wide: completion tokens
+# (TRL's tokens/s) and prompt + completion tokens (verl's perf/throughput, there also / GPUs)
+COMPLETION_TOKENS_PER_S = "throughput/completion_tokens_per_s"
+TOKENS_PER_S = "throughput/tokens_per_s"
+STEP_SECONDS = "time/step"
 TFLOPS_PER_GPU = "throughput/tflops_per_gpu"  # achieved model FLOP/s of the train phase, per GPU
 MFU = "throughput/mfu"  # TFLOPS_PER_GPU / the device's dense bf16 peak (only where the peak is known)
 SYNC_GB_PER_S = "sync/gb_per_s"
@@ -27,6 +32,7 @@ def layout() -> dict:
     return {
         "throughput": {
             "tokens/s: rollout vs train": line(ROLLOUT_TOKENS_PER_S, TRAIN_TOKENS_PER_S),
+            "tokens/s of the whole step": line(COMPLETION_TOKENS_PER_S, TOKENS_PER_S),
             "time per phase (s)": line(r"time/"),
             "MFU": line(MFU),
             "TFLOP/s per GPU": line(TFLOPS_PER_GPU),
@@ -61,10 +67,16 @@ def peak_tflops(device_name: str | None) -> float | None:
 
 
 def throughput(rollout_tokens: float, rollout_s: float, train_tokens: float, train_s: float, train_flops: float,
-               gpus: int, peak: float | None, sync_gb: float, sync_s: float) -> dict:
+               gpus: int, peak: float | None, sync_gb: float, sync_s: float, step_s: float = 0.0,
+               step_tokens: float = 0.0) -> dict:
     """A step's throughput scalars from cluster-wide token, FLOP and byte counts and phase seconds; a rate
-    whose time is zero (a phase this rank does not run) is left out, MFU too where the peak is unknown."""
+    whose time is zero (a phase this rank does not run) is left out, MFU too where the peak is unknown.
+    `step_s`: the wall-clock step; `step_tokens`: its prompt + completion tokens."""
     out = {}
+    if step_s > 0:
+        out[STEP_SECONDS] = step_s
+        out[COMPLETION_TOKENS_PER_S] = rollout_tokens / step_s
+        out[TOKENS_PER_S] = step_tokens / step_s
     if rollout_s > 0:
         out[ROLLOUT_TOKENS_PER_S] = rollout_tokens / rollout_s
     if train_s > 0:

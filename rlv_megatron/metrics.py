@@ -30,11 +30,24 @@ class Metrics:
 
     @contextlib.contextmanager
     def timer(self, phase: str):
+        """Add the block's seconds to `phase` (phases may nest: train contains score); also a torch.profiler
+        range of that name, so a profile splits by phase."""
+        from torch.profiler import record_function
+
         t0 = time.perf_counter()
         try:
-            yield
+            with record_function(phase):
+                yield
         finally:
             self.times[phase] += time.perf_counter() - t0
+
+    def histogram(self, tag: str, values: list, step: int) -> None:
+        """A TensorBoard histogram (e.g. response/length); nothing without a log directory."""
+        if self.writer is not None and values:
+            import numpy as np
+
+            self.writer.add_histogram(tag, np.asarray(values), step)
+            self.writer.flush()
 
     def log(self, step: int, values: dict) -> dict:
         values = {**values, **{f"time/{k}": v for k, v in self.times.items()},

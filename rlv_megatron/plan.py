@@ -136,10 +136,11 @@ def estimate(cfg: Config, arch: ModelArch, device: Device, world_size: int, mfu:
     m["optimizer"] = P * (8 + (4 if pbytes == 2 else 0)) / (dp if par.distributed_optimizer else 1)
     T = tr.micro_batch_tokens
     row = min(T, tr.pack_row_tokens or T) if tr.pack else min(T, cfg.rollout.max_model_len)
-    per_token = activation_elements(arch, tp, par.sequence_parallel, row, par.recompute,
-                                    scores=not device.flash_attention)
+    # scores kept for the backward only by megatron's DotProductAttention (TE and SDPA keep a logsumexp)
+    scores = not device.flash_attention and cfg.model.local_attention == "dot_product"
+    per_token = activation_elements(arch, tp, par.sequence_parallel, row, par.recompute, scores=scores)
     in_flight = pp  # 1F1B: the first stage holds up to PP micro-batches' activations
-    one_layer = activation_elements(arch, tp, par.sequence_parallel, row, "none", not device.flash_attention) * \
+    one_layer = activation_elements(arch, tp, par.sequence_parallel, row, "none", scores) * \
         pbytes * T
     # backward also holds the gradients of the layer it is in (measured: about two layers' worth), and full
     # recompute re-creates one layer's activations at a time

@@ -3,6 +3,7 @@ the train step through the pipeline schedules, and HF-format views of the weight
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -14,8 +15,22 @@ from rlv_megatron.models.hf_config import ModelArch, load_arch
 from rlv_megatron.models.hf_io import export_hf, load_hf_weights
 from rlv_megatron.train.heads import FusedSpec, emit_hidden_states
 from rlv_megatron.train.packing import micro_batches
-from rlv_megatron.train.step import Groups, Objective, reduce_stats, run_schedule
+from rlv_megatron.train.step import Groups, Objective, batch_layout, reduce_stats, run_schedule
 from rlv_megatron.verifier import SequenceBatch
+
+
+def cpu_threads(setting: int) -> int:
+    """train.cpu_threads, where 0 means: OMP_NUM_THREADS when set, else the usable cores shared evenly by
+    the ranks on this node (torchrun's LOCAL_WORLD_SIZE)."""
+    import os
+
+    from rlv_megatron.config import usable_cores
+
+    if setting:
+        return setting
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        return max(int(os.environ["OMP_NUM_THREADS"]), 1)
+    return max(len(usable_cores()) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
 
 
 class Policy:
@@ -35,6 +50,8 @@ class Policy:
             # attend across sequences. TE needs THD packed sequences (PackedSeqParams), not wired yet.
             raise ConfigError("train.pack=true with model.impl=te: packed rows need THD sequences under "
                               "TransformerEngine, not implemented yet; set train.pack=false")
+        if not torch.cuda.is_available():
+            torch.set_num_threads(cpu_threads(cfg.train.cpu_threads))
         init_megatron(cfg.parallel, seed=cfg.model.seed)
         self.cfg, self.arch = cfg, arch
         self.model_chunks = build_model(arch, cfg.parallel, cfg.model)
@@ -95,9 +112,11 @@ class Policy:
         for g in self.optimizer.param_groups:
             g["lr"] = lr
 
-    def train_step(self, batch: SequenceBatch, objective: Objective) -> dict[str, float]:
+    def train_step(self, batch: SequenceBatch, objective: Objective, timer=None, outputs: dict | None = None
+                   ) -> dict[str, float]:
         """One optimizer step on `batch` (this data-parallel rank's share); returns the mini-batch's summed
-        statistics and the grad norm before clipping."""
+        statistics and the grad norm before clipping. `timer(phase)`: a context timing forward_backward and
+        optimizer (Metrics.timer). `outputs`: filled with the objective's per-token outputs, [B, L] each."""
         from megatron.core import parallel_state as ps
 
         mbs = micro_batches(batch, objective.fields, self.cfg.train, self.groups.seq_multiple,
@@ -105,16 +124,26 @@ class Policy:
         scale = len(mbs) * ps.get_data_parallel_world_size()  # undo megatron's mean over both
 
         def on_head(head, mb):
-            loss, stats = objective.loss(head, mb)
+            loss, stats, per_token = objective.loss(head, mb)
+            if objective.outputs:
+                stats = {**stats, **{f"out/{k}": per_token.get(k, torch.zeros_like(mb.tokens, dtype=torch.float32))
+                                     for k in objective.outputs}}
             return loss * scale, stats
 
         for c in self.chunks:
             c.zero_grad_buffer()
         self.optimizer.zero_grad()
-        out = run_schedule(self.chunks, mbs, on_head, forward_only=False, vocab=objective.vocab)
-        ok, grad_norm, _ = self.optimizer.step()
+        timer = timer or (lambda phase: contextlib.nullcontext())
+        with timer("forward_backward"):
+            out = run_schedule(self.chunks, mbs, on_head, forward_only=False, vocab=objective.vocab)
+        with timer("optimizer"):
+            ok, grad_norm, _ = self.optimizer.step()
         if not ok:
             raise FloatingPointError("optimizer step skipped: non-finite gradients")
+        if outputs is not None and objective.outputs:
+            values = None if out is None else [[o[f"out/{k}"] for k in objective.outputs] for o in out]
+            outputs.update(zip(objective.outputs, batch_layout(mbs, values, len(objective.outputs),
+                                                               tuple(batch.targets.shape), self.groups.pp)))
         stats = reduce_stats(out, objective.stats, self.groups.dp, self.groups.pp)
         stats["grad_norm"] = float(grad_norm)
         stats["train/micro_batches"] = float(len(mbs))

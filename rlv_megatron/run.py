@@ -93,7 +93,7 @@ def run(cfg: Config) -> Path | None:
     out.mkdir(parents=True, exist_ok=True)
     resume = announce(cfg, out)
     task = make_task(task_cfg, cfg.verifier.question, num_eval, seed=0, tokenizer_path=cfg.model.path)
-    fmt = ChatFormat(task.tokenizer, cfg.verifier.question, two_way=cfg.verifier.loss == "yes_no")
+    fmt = ChatFormat.for_config(task.tokenizer, cfg)
     arch = None if cfg.model.path else scratch_arch(cfg, len(task.tokenizer), task.tokenizer)
     policy = Policy(cfg, arch)
     place = Placement.current()

@@ -25,17 +25,24 @@ class SequenceBatch:
     targets: torch.Tensor  # [B, L]
     response_mask: torch.Tensor  # [B, L] bool: targets that are response tokens
     policy_mask: torch.Tensor  # [B, L] bool: the response targets the policy loss uses
-    verify_pos: torch.Tensor  # [B] target index of the Yes/No answer (every sequence has one)
+    verify_pos: torch.Tensor  # [B] target index of the Yes/No answer; without a verification turn, of the last token
     verify_label: torch.Tensor  # [B] yes_id / no_id
     verify_weight: torch.Tensor  # [B] 1 for the verification examples the loss uses, else 0
     advantages: torch.Tensor  # [B]
     rollout_logp: torch.Tensor  # [B, L] engine's sampling log-probs at response targets (0 elsewhere)
+    verify_turn: torch.Tensor | None = None  # [B] bool: the sequence carries the verification turn (None: all)
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
 
+    @property
+    def has_verify(self) -> torch.Tensor:
+        """[B] bool: which sequences end in a Yes/No answer at verify_pos."""
+        return torch.ones(len(self), dtype=torch.bool) if self.verify_turn is None else self.verify_turn
+
     def select(self, idx: torch.Tensor) -> "SequenceBatch":
-        return SequenceBatch(*(getattr(self, f)[idx] for f in self.__dataclass_fields__))
+        return SequenceBatch(*(None if getattr(self, f) is None else getattr(self, f)[idx]
+                               for f in self.__dataclass_fields__))
 
 
 def yes_score(p_yes: float, p_no: float | None = None) -> float:
@@ -61,13 +68,18 @@ def verifier_selection(rewards: list[float], mode: str, rng: random.Random) -> l
 
 def build_sequences(fmt: ChatFormat, prompts: list[list[int]], responses: list[list[int]],
                     rewards: list[float], advantages: list[float], verify: list[bool], pad_id: int,
-                    rollout_logps: list[list[float]] | None = None, policy: list[bool] | None = None
-                    ) -> SequenceBatch:
+                    rollout_logps: list[list[float]] | None = None, policy: list[bool] | None = None,
+                    verify_turn: bool = True) -> SequenceBatch:
     """Every sequence carries the verification turn (so P(Yes) on every rollout is one forward away);
-    `verify` picks the ones the verifier loss uses, `policy` the ones the policy loss uses."""
+    `verify` picks the ones the verifier loss uses, `policy` the ones the policy loss uses.
+    verify_turn=False (lambda = 0 and no verifier metrics): prompt | response only, nothing to verify."""
     B = len(prompts)
     policy = [True] * B if policy is None else policy
-    seqs = [fmt.verify_ids(p, r) + [fmt.label_id(reward >= 1.0)] for p, r, reward in zip(prompts, responses, rewards)]
+    if verify_turn:
+        seqs = [fmt.verify_ids(p, r) + [fmt.label_id(reward >= 1.0)] for p, r, reward in zip(prompts, responses, rewards)]
+    else:
+        seqs = [list(p) + list(r) for p, r in zip(prompts, responses)]
+        verify = [False] * B
     L = max(len(s) for s in seqs) - 1
     tokens = torch.full((B, L), pad_id, dtype=torch.long)
     targets = torch.full((B, L), pad_id, dtype=torch.long)
@@ -84,6 +96,7 @@ def build_sequences(fmt: ChatFormat, prompts: list[list[int]], responses: list[l
     policy_mask = response_mask & torch.tensor(policy)[:, None]
     return SequenceBatch(tokens, targets, response_mask, policy_mask,
                          verify_pos=torch.tensor([len(s) - 2 for s in seqs]),
-                         verify_label=torch.tensor([s[-1] for s in seqs]),
+                         verify_label=torch.tensor([s[-1] if verify_turn else pad_id for s in seqs]),
                          verify_weight=torch.tensor(verify, dtype=torch.float32),
-                         advantages=torch.tensor(advantages, dtype=torch.float32), rollout_logp=rollout_logp)
+                         advantages=torch.tensor(advantages, dtype=torch.float32), rollout_logp=rollout_logp,
+                         verify_turn=None if verify_turn else torch.zeros(B, dtype=torch.bool))

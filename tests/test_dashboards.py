@@ -48,7 +48,8 @@ def test_loop_logs_throughput_of_each_step(monkeypatch, tmp_path):
     def fake_step(step, policy, engine, task, fmt, cfg, metrics, place):
         metrics.times.update(rollout=4.0, reward=0.5, train=2.0, sync=1.0)
         return {"throughput/rollout_tokens": 9_000, "throughput/generated_tokens": 6_000,
-                "throughput/sequence_tokens": 10_000, "sync/gb": 1.5, "sync/seconds": 0.75}
+                "throughput/sequence_tokens": 10_000, "sync/gb": 1.5, "sync/seconds": 0.75,
+                "response/lengths": [3, 5]}
 
     monkeypatch.setattr(loop, "rl_step", fake_step)
     monkeypatch.setattr(loop.checkpoint, "save", lambda *a, **k: None)
@@ -64,6 +65,10 @@ def test_loop_logs_throughput_of_each_step(monkeypatch, tmp_path):
                 d.TFLOPS_PER_GPU: flops / 2.0 / 1e12, "time/train": 2.0}
     assert {k: metrics.history[-1][k] for k in expected} == pytest.approx(expected)
     assert (d.MFU in metrics.history[-1]) == (d.peak_tflops(None) is not None)  # no CPU peak in plan.DEVICES
+    last = metrics.history[-1]  # peers' rates, over the wall-clock step
+    assert last[d.COMPLETION_TOKENS_PER_S] == pytest.approx(6_000 / last[d.STEP_SECONDS])
+    assert last[d.TOKENS_PER_S] == pytest.approx(9_000 / last[d.STEP_SECONDS])
+    assert "response/lengths" not in last  # a histogram, not a scalar
 
 
 def _fake_nvml(utils, used_gib, fail_init=False):
@@ -143,7 +148,8 @@ def _tiny_run(logdir) -> tuple[dict, str, bool]:
             values.update(d.throughput(
                 rollout_tokens=values["throughput/generated_tokens"], rollout_s=metrics.times["rollout"],
                 train_tokens=tokens, train_s=metrics.times["train"], gpus=1, peak=989.0,
-                train_flops=d.model_flops(800_000, tokens, 1, 1), sync_gb=0.4, sync_s=0.2))
+                train_flops=d.model_flops(800_000, tokens, 1, 1), sync_gb=0.4, sync_s=0.2,
+                step_s=sum(metrics.times.values()), step_tokens=tokens + 500))
             for k, v in metrics.log(step, values).items():
                 written.setdefault(k, {})[step] = v
         ks = (1, 2, 4)
@@ -202,7 +208,8 @@ def test_tensorboard_serves_the_run_scalars_and_layout(tmp_path):
                   tag=charts["RL^V quality"]["eval: weighted@k vs majority@k"][0])
         assert sorted(vs["tag_to_events"]) == ["eval/weighted@1", "eval/weighted@2", "eval/weighted@4"]
         time_tags = _get(port, "/data/plugin/custom_scalars/scalars", run=".", tag=r"time/")["tag_to_events"]
-        assert sorted(time_tags) == ["time/eval", "time/reward", "time/rollout", "time/sync", "time/train"]
+        assert sorted(time_tags) == ["time/eval", "time/reward", "time/rollout", "time/step", "time/sync",
+                                    "time/train"]
 
         text = _get(port, "/data/plugin/text/text", run=".", tag="gpu/text_summary")  # torch appends /text_summary
         assert note.split(" (")[0] in text[0]["text"]

@@ -73,6 +73,8 @@ def _scenario(model_dir):
         out["gen_b"] = engine.generate(prompts, n=4, max_tokens=MAX_TOKENS, stop_token_ids=[STOP], seeds=[1, 2, 3])
         out["gen_c"] = engine.generate(prompts, n=4, max_tokens=MAX_TOKENS, stop_token_ids=[STOP], seeds=[7, 8, 9])
         out["prompts"] = prompts
+        out["gen_fixed"] = engine.generate(prompts, n=4, max_tokens=MAX_TOKENS, min_tokens=MAX_TOKENS,
+                                           stop_token_ids=[STOP], seeds=[1, 2, 3])
         # Megatron's log-prob of each sampled token (temperature 1): must match the engine's sampling logprobs
         out["megatron_of_samples"] = [[_megatron_logprobs(chunks, p + s.token_ids, arch.vocab_size)[len(p) - 1:]
                                        for s in samples] for p, samples in zip(prompts, out["gen_a"])]
@@ -132,6 +134,13 @@ def test_generation_well_formed(scenario):
                 assert s.token_ids[-1] == STOP and STOP not in s.token_ids[:-1]
             else:
                 assert s.finish_reason == "length" and len(s.token_ids) == MAX_TOKENS and STOP not in s.token_ids
+
+
+def test_min_tokens_makes_fixed_length_rollouts(scenario):
+    """algo.min_tokens = max_tokens: the stop token cannot end a sample early (equal-work benchmarks)."""
+    for samples in scenario["gen_fixed"]:
+        for s in samples:
+            assert len(s.token_ids) == MAX_TOKENS and s.finish_reason == "length" and STOP not in s.token_ids
 
 
 def test_sampling_logprobs_match_megatron(scenario):

@@ -65,7 +65,7 @@ def sample(cfg: Config, model: str, model_dir: str | None = None) -> dict[int, l
         task = make_task(task_cfg, cfg.verifier.question, cfg.eval.num_problems, seed=0, tokenizer_path=str(hf))
         engine = None
         try:
-            fmt = ChatFormat(task.tokenizer, cfg.verifier.question, two_way=cfg.verifier.loss == "yes_no")
+            fmt = ChatFormat.for_config(task.tokenizer, cfg)
             _check_lengths(cfg, fmt, task.eval, budgets[-1])
             engine = make_engine("vllm", str(hf), cfg.rollout)
             return sample_pools(engine, fmt, task, task.eval, cfg.eval, budgets)

@@ -88,12 +88,17 @@ def transformer_config(arch: ModelArch, par: ParallelConfig, model_cfg: ModelCon
     )
 
 
-def layer_spec(arch: ModelArch, impl: str):
+def layer_spec(arch: ModelArch, impl: str, attention: str = "sdpa"):
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
     if impl == "te":
         return specs.get_gpt_layer_with_transformer_engine_spec()
-    return specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec = specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    if attention == "sdpa":
+        from rlv_megatron.models.attention import SDPAttention
+
+        spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    return spec
 
 
 def build_model(arch: ModelArch, par: ParallelConfig, model_cfg: ModelConfig) -> list[torch.nn.Module]:
@@ -105,7 +110,7 @@ def build_model(arch: ModelArch, par: ParallelConfig, model_cfg: ModelConfig) ->
 
     impl = resolve_impl(model_cfg)
     config = transformer_config(arch, par, model_cfg, impl)
-    spec = layer_spec(arch, impl)
+    spec = layer_spec(arch, impl, model_cfg.local_attention)
     vocab = padded_vocab_size(arch.vocab_size, model_cfg.make_vocab_size_divisible_by, par.tp)
     chunks = []
     for vp in range(par.vpp or 1):

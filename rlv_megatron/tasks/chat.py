@@ -4,9 +4,10 @@ Everything is token ids: the policy's sampled ids are reused verbatim in the ver
 re-tokenized text, which can tokenize differently). Built on any Hugging Face tokenizer with a chat
 template, so Megatron, vLLM and the exported model directory all use the same files.
 
-    solve prompt       = template([user: problem], generation prompt)
+    solve prompt       = template([user: problem], generation prompt)     (task.prompt_format=raw: the problem text)
     verification input = solve prompt + response (ending in its stop token) + verify_suffix
     verify_suffix      = template tail: end of assistant turn .. user: question .. generation prompt
+                         (raw: a blank line, the question, a newline)
     target             = "Yes" if reward == 1 else "No"   (one token each)
 """
 
@@ -25,6 +26,12 @@ class ChatFormat:
     yes: str = "Yes"
     no: str = "No"
     two_way: bool = False  # the verifier is trained on Yes vs No only: score P(Yes) renormalised over both
+    raw: bool = False  # task.prompt_format=raw: no chat template (base models, plain-text tasks)
+
+    @classmethod
+    def for_config(cls, tokenizer, cfg) -> "ChatFormat":
+        return cls(tokenizer, cfg.verifier.question, two_way=cfg.verifier.loss == "yes_no",
+                   raw=cfg.task.prompt_format == "raw")
 
     def __post_init__(self):
         tok = self.tokenizer
@@ -32,6 +39,9 @@ class ChatFormat:
         if self.eos_id is None:
             raise ValueError("the tokenizer has no eos_token: responses need a stop token")
         self.yes_id, self.no_id = self._single_token(self.yes), self._single_token(self.no)
+        if self.raw:  # response | eos | blank line | question | newline | answer
+            self.verify_suffix_ids = tok.encode(f"\n\n{self.question}\n", add_special_tokens=False)
+            return
         tail = tok.apply_chat_template(
             [{"role": "user", "content": "p"}, {"role": "assistant", "content": _SENTINEL},
              {"role": "user", "content": self.question}], add_generation_prompt=True, tokenize=False)
@@ -50,6 +60,8 @@ class ChatFormat:
         return ids[0]
 
     def prompt_ids(self, problem: str) -> list[int]:
+        if self.raw:
+            return self.tokenizer.encode(problem)  # with BOS where the tokenizer adds one
         text = self.tokenizer.apply_chat_template([{"role": "user", "content": problem}],
                                                   add_generation_prompt=True, tokenize=False)
         return self.tokenizer.encode(text, add_special_tokens=False)  # the template already has BOS

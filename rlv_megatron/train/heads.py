@@ -64,15 +64,33 @@ def output_logits(model: torch.nn.Module):
             layer.forward = patched
 
 
+def _only_where(fn, targets: torch.Tensor, where: torch.Tensor | None):
+    """fn(flat row indices, their targets) -> (lp [n], ent [n] or None), spread to [b, s] with 0 elsewhere:
+    log-probs only at the positions a loss uses (a prompt token costs no output-layer work)."""
+    if where is None:
+        return fn(None, targets)
+    idx = where.reshape(-1).nonzero()[:, 0]
+    lp, ent = fn(idx, targets.reshape(-1)[idx])
+
+    def spread(v):
+        return None if v is None else v.new_zeros(targets.numel()).index_copy(0, idx, v).view_as(targets)
+
+    return spread(lp), spread(ent)
+
+
 class LogitsHead:
     def __init__(self, logits: torch.Tensor, vocab: int):
         self.logits, self.vocab = logits, vocab
 
-    def token_logprobs(self, targets: torch.Tensor, temperature: float = 1.0, with_entropy: bool = False):
-        """(log p(target) at `temperature`, entropy or None), [b, s] each."""
-        z = self.logits if temperature == 1.0 else self.logits / temperature
-        lp = target_logprobs(z, targets, self.vocab)
-        return lp, entropy(z.detach(), self.vocab) if with_entropy else None
+    def token_logprobs(self, targets: torch.Tensor, temperature: float = 1.0, with_entropy: bool = False,
+                       where: torch.Tensor | None = None):
+        """(log p(target) at `temperature`, entropy or None), [b, s] each; only at `where` (0 elsewhere)."""
+        def fn(idx, t):
+            z = self.logits if idx is None else self.logits.reshape(-1, self.logits.shape[-1])[idx]
+            z = z if temperature == 1.0 else z / temperature
+            return target_logprobs(z, t, self.vocab), entropy(z.detach(), self.vocab) if with_entropy else None
+
+        return _only_where(fn, targets, where)
 
     def answer_logprobs(self, at: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Log-probs [n, K] of ids [n, K] at the n positions where `at` is true (temperature 1)."""
@@ -89,9 +107,14 @@ class FusedHead:
         return fused_logprobs(h, self.weight, targets, self.vocab, temperature,
                               chunk_rows(self.weight.shape[0], self.spec.chunk_mb), self.spec.use_triton)
 
-    def token_logprobs(self, targets, temperature=1.0, with_entropy=False):
-        lp, ent = self._run(self.hidden.reshape(-1, self.hidden.shape[-1]), targets.reshape(-1), temperature)
-        return lp.view_as(targets), ent.view_as(targets) if with_entropy else None
+    def token_logprobs(self, targets, temperature=1.0, with_entropy=False, where=None):
+        def fn(idx, t):
+            h = self.hidden.reshape(-1, self.hidden.shape[-1])
+            lp, ent = self._run(h if idx is None else h[idx], t.reshape(-1), temperature)
+            lp = lp.view_as(t)
+            return lp, ent.view_as(t) if with_entropy else None
+
+        return _only_where(fn, targets, where)
 
     def answer_logprobs(self, at, ids):
         return self._run(self.hidden[at], ids, 1.0)[0]

@@ -4,6 +4,7 @@ metrics -> periodic eval and checkpoint. Reads like DESIGN.md's flow; the work l
 from __future__ import annotations
 
 import random
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,7 @@ class Rollouts:
     rewards: torch.Tensor  # [B]
     group_ids: torch.Tensor  # [B]
     stats: dict
+    lengths: list[int]  # completion lengths (for the histogram)
 
 
 def collect_rollouts(step, engine, task, fmt, cfg, metrics, place: Placement) -> Rollouts:
@@ -41,7 +43,7 @@ def collect_rollouts(step, engine, task, fmt, cfg, metrics, place: Placement) ->
         problems = my_share(problems, place)
         prompts = [fmt.prompt_ids(p.prompt) for p in problems]
         outs = engine.generate(prompts, n=a.group_size, temperature=a.temperature, top_p=a.top_p,
-                               max_tokens=a.max_tokens, stop_token_ids=[fmt.eos_id],
+                               max_tokens=a.max_tokens, min_tokens=a.min_tokens, stop_token_ids=[fmt.eos_id],
                                seeds=[step_seed(cfg.train.seed, step, first + i) for i in range(len(prompts))])
     flat = [(i, s) for i, group in enumerate(outs) for s in group]
     with metrics.timer("reward"):
@@ -53,12 +55,15 @@ def collect_rollouts(step, engine, task, fmt, cfg, metrics, place: Placement) ->
     rng = random.Random(step_seed(cfg.train.seed, step, -2 - place.dp_rank))  # verifier example selection
     batch = build_sequences(fmt, [prompts[i] for i, _ in flat], [s.token_ids for _, s in flat], rewards,
                             adv.tolist(), verifier_selection(rewards, cfg.verifier.examples, rng),
-                            task.tokenizer.pad_token_id, rollout_logps=[s.logprobs for _, s in flat])
+                            task.tokenizer.pad_token_id, rollout_logps=[s.logprobs for _, s in flat],
+                            verify_turn=cfg.verifier.lam > 0 or cfg.verifier.monitor)
     lengths = [len(s.token_ids) for _, s in flat]
     stats = {"grader/timeouts": grade_stats.get("timeouts", 0), "grader/errors": grade_stats.get("errors", 0),
-             "response/length_mean": sum(lengths) / len(lengths), "throughput/generated_tokens": sum(lengths),
+             "response/length_mean": sum(lengths) / len(lengths), "response/length_max": max(lengths),
+             "response/truncated_fraction": sum(s.finish_reason == "length" for _, s in flat) / len(flat),
+             "throughput/generated_tokens": sum(lengths),
              "throughput/rollout_tokens": sum(lengths) + sum(len(p) for p in prompts) * a.group_size}
-    return Rollouts(batch, r, group_ids, stats)
+    return Rollouts(batch, r, group_ids, stats, lengths)
 
 
 def rl_step(step, policy, engine, task, fmt, cfg, metrics, place: Placement = Placement()) -> dict:
@@ -66,11 +71,16 @@ def rl_step(step, policy, engine, task, fmt, cfg, metrics, place: Placement = Pl
     ro = share_from_engine(
         collect_rollouts(step, engine, task, fmt, cfg, metrics, place) if place.owns_engine else None, place)
     batch, r, group_ids = ro.batch, ro.rewards, ro.group_ids
+    from_forward = old_logprobs_from_forward(a)
     with metrics.timer("train"):
-        old_logp, p_yes = score(policy.chunks, batch, policy.vocab, a.temperature, fmt.yes_id, fmt.score_no_id,
-                                cfg.train, policy.groups)
-        ref_logp = None if policy.reference is None else \
-            score(policy.reference, batch, policy.vocab, a.temperature, fmt.yes_id, None, cfg.train, policy.groups)[0]
+        with metrics.timer("score"):
+            old_logp = p_yes = ref_logp = None
+            if not from_forward:
+                old_logp, p_yes = score(policy.chunks, batch, policy.vocab, a.temperature, fmt.yes_id,
+                                        fmt.score_no_id, cfg.train, policy.groups)
+            if policy.reference is not None:
+                ref_logp = score(policy.reference, batch, policy.vocab, a.temperature, fmt.yes_id, None,
+                                 cfg.train, policy.groups)[0]
         keep = informative_groups(r, group_ids) if a.filter_equal_reward_groups else torch.ones_like(r, dtype=bool)
         # all-equal groups carry no policy gradient but still teach the verifier
         batch.policy_mask &= keep[:, None]
@@ -78,10 +88,15 @@ def rl_step(step, policy, engine, task, fmt, cfg, metrics, place: Placement = Pl
         order = torch.Generator().manual_seed(step_seed(cfg.train.seed, step, -1))  # same on every rank
         for _ in range(a.ppo_epochs):
             for idx in torch.randperm(len(batch), generator=order).chunk(a.ppo_minibatches):
-                sub = batch.select(idx)
+                sub, outputs = batch.select(idx), {}
                 train_stats = policy.train_step(sub, rl_objective(
-                    sub, old_logp[idx], a, cfg.verifier, policy.vocab, fmt.yes_id, fmt.no_id,
-                    None if ref_logp is None else ref_logp[idx], policy.groups.dp))
+                    sub, None if from_forward else old_logp[idx], a, cfg.verifier, policy.vocab, fmt.yes_id,
+                    fmt.no_id, None if ref_logp is None else ref_logp[idx], policy.groups.dp, fmt.score_no_id),
+                    timer=metrics.timer, outputs=outputs)
+                if from_forward:  # the one update's own log-probs and scores, back in rollout order
+                    old_logp, scores = torch.zeros_like(outputs["logp"]), torch.zeros_like(outputs["score"])
+                    old_logp[idx], scores[idx] = outputs["logp"], outputs["score"]
+                    p_yes = scores[torch.arange(len(batch)), batch.verify_pos]
     with metrics.timer("sync"):
         weights = stream_weights(policy, place)
         if place.owns_engine:
@@ -91,13 +106,21 @@ def rl_step(step, policy, engine, task, fmt, cfg, metrics, place: Placement = Pl
             sync_seconds, sync_gb = drain(weights), 0.0
     m = batch.response_mask
     gap = ((old_logp - batch.rollout_logp).abs() * m).sum() / m.sum().clamp(min=1)
+    verifier_stats = verifier_quality(p_yes.tolist(), [x >= 1.0 for x in r.tolist()], group_ids.tolist()) \
+        if bool(batch.has_verify.all()) else {}
     rollout_stats = dp_mean({"reward/mean": r.mean().item(), "reward/informative_groups": keep.float().mean().item(),
                              "policy/train_rollout_logprob_gap": gap.item(), **ro.stats,
                              "throughput/sequence_tokens": (batch.verify_pos + 1).sum().item(),  # one pass
-                             **verifier_quality(p_yes.tolist(), [x >= 1.0 for x in r.tolist()],
-                                                group_ids.tolist())}, place)
+                             **verifier_stats}, place)
     return {**rollout_stats, "reward/pass@1": rollout_stats["reward/mean"], "sync/seconds": sync_seconds,
-            "sync/gb": sync_gb, **train_stats}
+            "sync/gb": sync_gb, **train_stats, "response/lengths": ro.lengths}  # lengths: this replica's
+
+
+def old_logprobs_from_forward(algo) -> bool:
+    """algo.old_logprobs: whether the PPO ratio's denominator is the training forward's own detached log-probs
+    (one update per batch: the same values a scoring pass would compute, without the pass)."""
+    one_update = algo.ppo_epochs * algo.ppo_minibatches == 1
+    return algo.old_logprobs == "current" or (algo.old_logprobs == "auto" and one_update)
 
 
 def drain(iterator) -> float:
@@ -115,20 +138,24 @@ def train(policy, engine, task, fmt, cfg, metrics, out_dir: Path, start_step: in
     lead = place.owns_engine and place.dp_rank == 0  # global rank 0: logs and evaluates
     gpus = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     peak = dashboards.peak_tflops(torch.cuda.get_device_name() if torch.cuda.is_available() else None)
-    params, scoring_passes = total_params(policy.arch), 1 + (policy.reference is not None)
+    params = total_params(policy.arch)
+    scoring_passes = (not old_logprobs_from_forward(cfg.algo)) + (policy.reference is not None)
     for step in tqdm(range(start_step, cfg.train.steps), desc="rl", mininterval=5,
                      initial=start_step, total=cfg.train.steps, disable=not lead):
+        t0 = time.perf_counter()
         values = rl_step(step, policy, engine, task, fmt, cfg, metrics, place)
-        phases = sum(v for k, v in metrics.times.items())
-        values["throughput/tokens_per_s"] = values["throughput/rollout_tokens"] * place.dp_size / max(phases, 1e-9)
+        step_s = time.perf_counter() - t0
+        lengths = values.pop("response/lengths")
         tokens = values["throughput/sequence_tokens"] * place.dp_size  # replicas' means x replicas
         values.update(dashboards.throughput(
             rollout_tokens=values["throughput/generated_tokens"] * place.dp_size,
             rollout_s=metrics.times.get("rollout", 0.0), train_tokens=tokens * cfg.algo.ppo_epochs,
             train_s=metrics.times.get("train", 0.0), gpus=gpus, peak=peak, sync_gb=values["sync/gb"],
             train_flops=dashboards.model_flops(params, tokens, cfg.algo.ppo_epochs, scoring_passes),
-            sync_s=values["sync/seconds"]))
+            sync_s=values["sync/seconds"], step_s=step_s,
+            step_tokens=values["throughput/rollout_tokens"] * place.dp_size))
         metrics.log(step, values)
+        metrics.histogram("response/length", lengths, step)
         last = step == cfg.train.steps - 1
         if lead and cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and not last:
             evals.append(run_eval(step, engine, task, fmt, cfg, metrics))

@@ -30,11 +30,13 @@ from rlv_megatron.verifier import SequenceBatch
 
 @dataclass
 class Objective:
-    """What a micro-batch's loss needs: the per-token fields to carry and the loss from a head (heads.py)."""
+    """What a micro-batch's loss needs: the per-token fields to carry and the loss from a head (heads.py).
+    `loss(head, mb)` -> (loss, summed statistics, per-token outputs [R, S] named in `outputs`)."""
     fields: dict[str, torch.Tensor]  # [B, L] per token
-    loss: Callable[[object, MicroBatch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+    loss: Callable[[object, MicroBatch], tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]]
     stats: tuple[str, ...]  # keys of the summed statistics the loss reports
     vocab: int  # real vocabulary size (Megatron pads the output layer past it)
+    outputs: tuple[str, ...] = ()  # per-token values train_step hands back in the SequenceBatch layout
 
 
 def _answer_logprobs(head, mb, yes_id, no_id):
@@ -48,7 +50,7 @@ def _answer_logprobs(head, mb, yes_id, no_id):
 def token_fields(batch: SequenceBatch) -> dict[str, torch.Tensor]:
     """What every micro-batch carries: the targets, and 1 at each verification answer position."""
     answer = torch.zeros_like(batch.targets, dtype=torch.float32)
-    answer[torch.arange(len(batch)), batch.verify_pos] = 1.0
+    answer[torch.arange(len(batch)), batch.verify_pos] = batch.has_verify.float()
     return {"target": batch.targets.float(), "answer": answer}
 
 
@@ -65,34 +67,52 @@ def base_fields(batch: SequenceBatch, dp_group=None) -> dict[str, torch.Tensor]:
 
 
 def rl_objective(batch: SequenceBatch, old_logp, algo, ver, vocab, yes_id, no_id, ref_logp=None,
-                 dp_group=None) -> Objective:
+                 dp_group=None, score_no_id=None) -> Objective:
+    """`old_logp` None: the detached log-probs of this very forward (one update per batch: the ratio is
+    exactly 1 and no scoring pass is needed); the objective then outputs them ("logp") and the verifier
+    score at the answer positions ("score": P(Yes), over {Yes, No} with `score_no_id`)."""
     pol = batch.policy_mask.float()
     totals = Totals.of(pol, dp_group)
     fields = {**base_fields(batch, dp_group),
               "w": aggregation_weights(algo.loss_agg, pol, totals, algo.max_tokens),
               "tok_w": aggregation_weights("token_mean", pol, totals),
-              "adv": batch.advantages[:, None].expand_as(pol).float(), "old_logp": old_logp,
-              "rollout_logp": batch.rollout_logp,
-              "ref_logp": old_logp if ref_logp is None else ref_logp}
+              "adv": batch.advantages[:, None].expand_as(pol).float(), "rollout_logp": batch.rollout_logp}
+    if old_logp is not None:
+        fields["old_logp"] = old_logp
+    if ref_logp is not None:
+        fields["ref_logp"] = ref_logp
+    verifies = bool(batch.has_verify.any())
 
     def loss(head, mb):
         f = mb.fields
-        logp, ent = head.token_logprobs(f["target"].long(), algo.temperature, with_entropy=True)
-        t = ppo_terms(logp, f["old_logp"], f["adv"], algo.clip_low, algo.clip_high, f["rollout_logp"],
-                      algo.tis_cap, f["ref_logp"] if ref_logp is not None else None, algo.kl_beta)
+        on = f["resp_w"] > 0  # response tokens: the only log-probs a term reads (0 elsewhere)
+        logp, ent = head.token_logprobs(f["target"].long(), algo.temperature, with_entropy=True, where=on)
+        old = torch.where(on, f["old_logp"], 0.0) if old_logp is not None else logp.detach()  # ratio 1 elsewhere
+        t = ppo_terms(logp, old, f["adv"], algo.clip_low, algo.clip_high, f["rollout_logp"],
+                      algo.tis_cap, f.get("ref_logp"), algo.kl_beta)
         pol_loss = (t.loss * f["w"]).sum()
-        at, lp_label, lp_yes, lp_no = _answer_logprobs(head, mb, yes_id, no_id)
-        ver_loss = (verifier_ce(lp_label, lp_yes, lp_no, ver.loss) * f["verify_w"][at]).sum()
+        ver_loss = torch.zeros(())
+        outputs = {}
+        if old_logp is None:
+            outputs["logp"] = logp.detach()
+        if verifies:
+            at, lp_label, lp_yes, lp_no = _answer_logprobs(head, mb, yes_id, no_id)
+            ver_loss = (verifier_ce(lp_label, lp_yes, lp_no, ver.loss) * f["verify_w"][at]).sum()
+            if old_logp is None:
+                score = torch.zeros_like(logp)
+                score[at] = yes_score_from_logprobs(lp_yes, lp_no if score_no_id is not None else None).detach()
+                outputs["score"] = score
         total = pol_loss + ver.lam * ver_loss if ver.lam > 0 else pol_loss
         tw = f["tok_w"]
         stats = {"loss/total": total, "loss/policy": pol_loss, "loss/verifier": ver_loss,
                  "policy/clip_fraction": (t.clipped * tw).sum(), "policy/ratio_mean": (t.ratio * tw).sum(),
                  "policy/kl_to_reference": (t.kl * tw).sum(),
                  "policy/entropy": (ent * f["resp_w"]).sum()}
-        return total, stats
+        return total, stats, outputs
 
     return Objective(fields, loss, ("loss/total", "loss/policy", "loss/verifier", "policy/clip_fraction",
-                                    "policy/ratio_mean", "policy/kl_to_reference", "policy/entropy"), vocab)
+                                    "policy/ratio_mean", "policy/kl_to_reference", "policy/entropy"), vocab,
+                     outputs=("logp", "score") if old_logp is None else ())
 
 
 def sft_objective(batch: SequenceBatch, vocab, yes_id, no_id, verifier_mode, dp_group=None) -> Objective:
@@ -100,11 +120,11 @@ def sft_objective(batch: SequenceBatch, vocab, yes_id, no_id, verifier_mode, dp_
     fields = {**base_fields(batch, dp_group), "w": aggregation_weights("token_mean", pol, Totals.of(pol, dp_group))}
 
     def loss(head, mb):
-        logp, _ = head.token_logprobs(mb.fields["target"].long())
+        logp, _ = head.token_logprobs(mb.fields["target"].long(), where=mb.fields["w"] != 0)
         token_ce = -(logp * mb.fields["w"]).sum()
         at, lp_label, lp_yes, lp_no = _answer_logprobs(head, mb, yes_id, no_id)
         ver_ce = (verifier_ce(lp_label, lp_yes, lp_no, verifier_mode) * mb.fields["verify_w"][at]).sum()
-        return token_ce + ver_ce, {"sft/token_ce": token_ce, "sft/verifier_ce": ver_ce}
+        return token_ce + ver_ce, {"sft/token_ce": token_ce, "sft/verifier_ce": ver_ce}, {}
 
     return Objective(fields, loss, ("sft/token_ce", "sft/verifier_ce"), vocab)
 
@@ -170,14 +190,22 @@ def score(chunks, batch: SequenceBatch, vocab, temperature, yes_id, no_id=None, 
     batching = batching or _ONE_ROW_EACH
     mbs = micro_batches(batch, token_fields(batch), batching, groups.seq_multiple, min_count=groups.pp_size)
     out = score_micro_batches(chunks, mbs, vocab, temperature, yes_id, no_id)
-    shape = tuple(batch.targets.shape)
-    both = torch.zeros((2,) + shape)
-    if out is not None:
-        both[0] = scatter_back(mbs, [o[0] for o in out], shape)
-        both[1] = scatter_back(mbs, [o[1] for o in out], shape)
-    if groups.pp is not None and dist.get_world_size(groups.pp) > 1:
-        dist.all_reduce(both, group=groups.pp)  # only the last stage holds non-zeros
-    return both[0], both[1][torch.arange(len(batch)), batch.verify_pos]
+    logp, scores = batch_layout(mbs, None if out is None else [list(o) for o in out], 2,
+                                tuple(batch.targets.shape), groups.pp)
+    return logp, scores[torch.arange(len(batch)), batch.verify_pos]
+
+
+def batch_layout(mbs: list[MicroBatch], values: list[list[torch.Tensor]] | None, count: int, shape, pp_group
+                 ) -> list[torch.Tensor]:
+    """`count` per-token values of each micro-batch ([R, S], on the last pipeline stage; None elsewhere) ->
+    `count` tensors [B, L] in the SequenceBatch layout, on every pipeline stage."""
+    both = torch.zeros((count,) + tuple(shape))
+    if values is not None:
+        for k in range(count):
+            both[k] = scatter_back(mbs, [v[k] for v in values], shape)
+    if pp_group is not None and dist.get_world_size(pp_group) > 1:
+        dist.all_reduce(both, group=pp_group)  # only the last stage holds non-zeros
+    return list(both)
 
 
 _ONE_ROW_EACH = SimpleNamespace(micro_batch_tokens=1 << 30, pack=False, pack_row_tokens=0)
