@@ -31,7 +31,6 @@ class Rollouts:
     rewards: torch.Tensor  # [B]
     group_ids: torch.Tensor  # [B]
     stats: dict
-    lengths: list[int]  # completion lengths (for the histogram)
 
 
 def collect_rollouts(step, engine, task, fmt, cfg, metrics, place: Placement) -> Rollouts:
@@ -63,7 +62,7 @@ def collect_rollouts(step, engine, task, fmt, cfg, metrics, place: Placement) ->
              "response/truncated_fraction": sum(s.finish_reason == "length" for _, s in flat) / len(flat),
              "throughput/generated_tokens": sum(lengths),
              "throughput/rollout_tokens": sum(lengths) + sum(len(p) for p in prompts) * a.group_size}
-    return Rollouts(batch, r, group_ids, stats, lengths)
+    return Rollouts(batch, r, group_ids, stats)
 
 
 def rl_step(step, policy, engine, task, fmt, cfg, metrics, place: Placement = Placement()) -> dict:
@@ -113,7 +112,8 @@ def rl_step(step, policy, engine, task, fmt, cfg, metrics, place: Placement = Pl
                              "throughput/sequence_tokens": (batch.verify_pos + 1).sum().item(),  # one pass
                              **verifier_stats}, place)
     return {**rollout_stats, "reward/pass@1": rollout_stats["reward/mean"], "sync/seconds": sync_seconds,
-            "sync/gb": sync_gb, **train_stats, "response/lengths": ro.lengths}  # lengths: this replica's
+            "sync/gb": sync_gb, **train_stats,
+            "response/lengths": batch.response_mask.sum(1).tolist()}  # this replica's, for the histogram
 
 
 def old_logprobs_from_forward(algo) -> bool:
