@@ -233,10 +233,24 @@ def usable_cores() -> list[int]:
     return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
 
 
-def cpu_threads_bind(rollout: RolloutConfig) -> str | None:
-    """VLLM_CPU_OMP_THREADS_BIND for `rollout.cpu_threads_bind` (None: leave it to vLLM)."""
+def check_cpu_threads_bind(rollout: RolloutConfig) -> None:
+    """The form of `rollout.cpu_threads_bind`; the cores of this machine are checked only where a CPU engine starts
+    (a cluster recipe validated on a laptop must not depend on the laptop's cores)."""
     import re
 
+    bind, tp = rollout.cpu_threads_bind, rollout.tensor_parallel_size
+    if bind in ("auto", "all"):
+        return
+    if not re.fullmatch(r"\d+(-\d+)?(,\d+(-\d+)?)*(\|\d+(-\d+)?(,\d+(-\d+)?)*)*", bind):
+        raise ConfigError(f"rollout.cpu_threads_bind={bind!r}: all, auto, or core lists like 0-1 or 0|1")
+    if bind.count("|") + 1 != tp:
+        raise ConfigError(f"rollout.cpu_threads_bind={bind!r}: {bind.count('|') + 1} core set(s) for "
+                          f"rollout.tensor_parallel_size={tp} (one per rank, separated by |)")
+
+
+def cpu_threads_bind(rollout: RolloutConfig) -> str | None:
+    """VLLM_CPU_OMP_THREADS_BIND for `rollout.cpu_threads_bind` on this machine (None: leave it to vLLM)."""
+    check_cpu_threads_bind(rollout)
     bind, tp = rollout.cpu_threads_bind, rollout.tensor_parallel_size
     if bind == "auto":
         return None
@@ -247,11 +261,6 @@ def cpu_threads_bind(rollout: RolloutConfig) -> str | None:
                               "usable cores (rollout.cpu_threads_bind=all)")
         per = [cores[i::tp] for i in range(tp)]  # each rank its own cores
         return "|".join(",".join(map(str, sorted(c))) for c in per)
-    if not re.fullmatch(r"\d+(-\d+)?(,\d+(-\d+)?)*(\|\d+(-\d+)?(,\d+(-\d+)?)*)*", bind):
-        raise ConfigError(f"rollout.cpu_threads_bind={bind!r}: all, auto, or core lists like 0-1 or 0|1")
-    if bind.count("|") + 1 != tp:
-        raise ConfigError(f"rollout.cpu_threads_bind={bind!r}: {bind.count('|') + 1} core set(s) for "
-                          f"rollout.tensor_parallel_size={tp} (one per rank, separated by |)")
     return bind
 
 
@@ -311,7 +320,7 @@ def validate(cfg: Config, arch=None) -> None:
                           f"({cfg.algo.max_tokens})")
     if cfg.train.cpu_threads < 0:
         raise ConfigError(f"train.cpu_threads={cfg.train.cpu_threads}: must be >= 0 (0: every core)")
-    cpu_threads_bind(cfg.rollout)  # raises on a malformed list
+    check_cpu_threads_bind(cfg.rollout)
     if cfg.train.keep_checkpoints < 0:
         raise ConfigError(f"train.keep_checkpoints={cfg.train.keep_checkpoints}: must be >= 0")
     if not cfg.train.logprob_chunk_mb > 0:

@@ -139,6 +139,11 @@ def test_equal_work_options_are_validated():
     import os
 
     assert cpu_threads_bind(cfg.rollout) == ",".join(map(str, sorted(os.sched_getaffinity(0))))
+    # a cluster config validates anywhere; only a CPU engine start asks this machine for its cores
+    cfg.rollout.tensor_parallel_size = len(os.sched_getaffinity(0)) + 1
+    validate(cfg)
+    with pytest.raises(ConfigError, match="more engine ranks than"):
+        cpu_threads_bind(cfg.rollout)
 
 
 def test_old_logprobs_auto_follows_the_number_of_updates():
