@@ -16,6 +16,7 @@ sys.path.insert(0, str(ROOT))
 from rlv_megatron import config  # noqa: E402
 
 OUT = ROOT / "docs" / "configuration.md"
+PIPE = "\\|"  # a literal | inside a Markdown table cell
 FIELD = re.compile(r"^\s+(\w+): [^=]+?(?:= .*?)?(?:\s+#\s*(.*))?$")
 
 
@@ -60,7 +61,7 @@ def render() -> str:
             if key in config._CHOICES:
                 note = f"one of {', '.join(repr(c) for c in config._CHOICES[key])}" + (f"; {note}" if note else "")
             typ = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-            out.append(f"| `{f.name}` | `{typ}` | `{default_of(f)}` | {note.replace('|', '/')} |")
+            out.append(f"| `{f.name}` | `{typ}` | `{default_of(f)}` | {note.replace('|', PIPE)} |")
         out.append("")
     return re.sub(r"\n{3,}", "\n\n", "\n".join(out))
 
