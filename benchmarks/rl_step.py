@@ -1,7 +1,8 @@
 """One RL step on the real SmolLM2-135M-Instruct (from `rlv fetch`) against the plain eager baseline, on the
 same work: N prompts x G samples of exactly L new tokens (fixed length on both sides), fp32, the same threads,
 the same GSM8K prompts through the model's chat template, GRPO with one update per batch. Our trainer runs
-unpacked micro-batches of 1024 tokens (train.pack=false, train.micro_batch_tokens=1024; --set overrides).
+unpacked micro-batches of 1024 tokens, each prompt computed once for its samples (train.pack=false,
+train.micro_batch_tokens=1024, train.share_prompts=true; --set overrides, e.g. train.share_prompts=false).
 
     ours  : rlv_megatron.train.loop.rl_step (vLLM rollout, grading, Megatron forward/backward + Adam, sync)
     eager : transformers `generate` + grading + a transformers forward/backward over the same sequences in
@@ -86,6 +87,7 @@ def setup_task(args):
     # one sequence per row (SDPA's causal kernel, no mask) in micro-batches of 1024 tokens: the trainer's
     # activations stay below the eager baseline's (micro-batches of 8 sequences, ~1,200 tokens)
     cfg.train.pack, cfg.train.micro_batch_tokens = False, 1024
+    cfg.train.share_prompts = True  # each prompt computed once for its G samples (same loss and gradients)
     for item in args.set or []:
         from rlv_megatron.config import apply_overrides
 

@@ -184,6 +184,9 @@ class TrainConfig:
     # packed row length; attention within a row costs O(row^2) under the local spec's mask (CPU): keep it a
     # few sequences long there; 0 = one row per micro-batch (for varlen attention)
     pack_row_tokens: int = 256
+    # lay each prompt's samples out as one unit: the prompt computed once, every sample attending to it at
+    # its own RoPE positions (train/packing.py); the same loss and gradients with fewer tokens trained
+    share_prompts: bool = False
     # log-probs for the losses: "fused" applies the output weight to the hidden states in row chunks
     # (kernels/verifier_loss.py; Triton on GPU), "logits" takes the output layer's [tokens, V/tp] logits
     logprob_impl: str = "fused"

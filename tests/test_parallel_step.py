@@ -30,7 +30,33 @@ def synthetic_batch(n=12, seed=0, vocab=1000):
                          -torch.rand(n, L, generator=g) * resp)
 
 
-def step_worker(model_dir, tp, pp, vpp, sp, dp, pack, agg, budget=64, recompute="none"):
+def grouped_batch(prompts=3, group=4, seed=1, vocab=1000):
+    """`group` samples of each prompt (different lengths), each ending in a verification turn and answer."""
+    from rlv_megatron.verifier import SequenceBatch
+
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda lo, hi: int(torch.randint(lo, hi, (), generator=g))  # noqa: E731
+    seqs, firsts = [], []
+    for _ in range(prompts):
+        prompt = torch.randint(10, vocab, (rand(5, 13),), generator=g).tolist()
+        for _ in range(group):
+            seqs.append(prompt + torch.randint(10, vocab, (rand(3, 11) + 4,), generator=g).tolist()
+                        + [YES if rand(0, 2) else NO])
+            firsts.append(len(prompt) - 1)
+    n, L = len(seqs), max(map(len, seqs)) - 1
+    tokens, targets = torch.zeros(n, L, dtype=torch.long), torch.zeros(n, L, dtype=torch.long)
+    resp = torch.zeros(n, L, dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        tokens[i, :len(s) - 1], targets[i, :len(s) - 1] = torch.tensor(s[:-1]), torch.tensor(s[1:])
+        resp[i, firsts[i]:len(s) - 5] = True  # the last 4 targets: verification suffix and answer
+    lens = torch.tensor([len(s) - 1 for s in seqs])
+    return SequenceBatch(tokens, targets, resp, resp & (torch.arange(n) % 5 != 0)[:, None], lens - 1,
+                         targets[torch.arange(n), lens - 1], (torch.arange(n) % 3 != 0).float(),
+                         torch.randn(n, generator=g), -torch.rand(n, L, generator=g) * resp)
+
+
+def step_worker(model_dir, tp, pp, vpp, sp, dp, pack, agg, budget=64, recompute="none", share=None):
+    """`share` None: the synthetic batch; True / False: the grouped batch with or without shared prompts."""
     from megatron.core import parallel_state as ps
 
     from rlv_megatron.config import Config, ParallelConfig
@@ -41,13 +67,14 @@ def step_worker(model_dir, tp, pp, vpp, sp, dp, pack, agg, budget=64, recompute=
     cfg.model.path = str(model_dir)
     cfg.parallel = ParallelConfig(tp=tp, pp=pp, vpp=vpp, sequence_parallel=sp, recompute=recompute)
     cfg.train.micro_batch_tokens, cfg.train.pack, cfg.train.pack_row_tokens = budget, pack, 40
+    cfg.train.share_prompts = bool(share)
     # Adam turns rounding noise in near-zero gradients into lr-sized updates (m / sqrt(v) ~ sign): with
     # eps=1e-6 such gradients move nothing, so step 2 compares the parallel layouts, not the rounding
     cfg.optim.lr, cfg.optim.eps = 1e-3, 1e-6
     cfg.algo.loss_agg, cfg.algo.max_tokens = agg, 24
     cfg.algo.clip_low = cfg.algo.clip_high = 0.1
     policy = Policy(cfg)
-    full = synthetic_batch()
+    full = synthetic_batch() if share is None else grouped_batch()
     rank, world = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     rows = torch.arange(len(full)).chunk(world)[rank] if dp > 1 else torch.arange(len(full))
     batch = full.select(rows)
@@ -64,9 +91,10 @@ def step_worker(model_dir, tp, pp, vpp, sp, dp, pack, agg, budget=64, recompute=
 
 
 def _run(model_dir, world, tp=1, pp=1, vpp=None, sp=False, pack=True, agg="token_mean", budget=64,
-         recompute="none"):
+         recompute="none", share=None):
     dp = world // (tp * pp)  # budget 64: several micro-batches
-    return run_distributed(step_worker, world, model_dir, tp, pp, vpp, sp, dp, pack, agg, budget, recompute)
+    return run_distributed(step_worker, world, model_dir, tp, pp, vpp, sp, dp, pack, agg, budget, recompute,
+                           share)
 
 
 KEYS = ("loss/total", "loss/policy", "loss/verifier", "grad_norm", "policy/clip_fraction", "policy/entropy")
@@ -105,6 +133,20 @@ def test_parallel_step_equals_one_process(qwen, reference, layout):
 @pytest.mark.slow
 def test_packed_equals_unpacked(qwen, reference):
     _assert_same(reference, _run(qwen, 1, pack=False)[0], "unpacked")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", [dict(), dict(pack=False), dict(budget=24), dict(world=2, tp=2, sp=True),
+                                    dict(world=2, pp=2)],
+                         ids=["packed", "unpacked", "split_groups", "tp2_sp", "pp2"])
+def test_shared_prompts_equal_separate_sequences(qwen, layout):
+    """Each prompt computed once for its samples (train.share_prompts): the same losses, gradient norm and
+    next step as every sample carrying its own copy of the prompt."""
+    layout = {"world": 1, **layout}
+    separate = _run(qwen, layout["world"], share=False)[0]
+    world = layout.pop("world")
+    for r in _run(qwen, world, share=True, **layout):
+        _assert_same(separate, r, f"shared prompts {layout}")
 
 
 @pytest.mark.slow
@@ -154,6 +196,37 @@ def test_block_causal_mask_and_row_plan():
     assert plan_rows([5, 3], budget=10, pack=False, min_count=3) == [[[0]], [[1]], []]  # one per stage
     with pytest.raises(ValueError, match="micro_batch_tokens=4"):
         plan_rows([5], budget=4, pack=True)
+    # own shapes (no pipeline): longest rows first, as many as fit at the first one's length
+    assert plan_rows([5, 3, 4, 2, 1], budget=10, pack=False, fixed_shape=False) == [[[0], [2]], [[1], [3], [4]]]
+
+
+def test_shared_prompt_layout():
+    """A prompt's samples become one unit: the prompt's inputs but its last once, then each sample from the
+    last prompt token on, at its own positions; a sample sees the shared part and itself only."""
+    from types import SimpleNamespace
+
+    from rlv_megatron.train.packing import micro_batches
+
+    batch = grouped_batch(prompts=2, group=3)
+    first = batch.response_mask.float().argmax(1)
+    cfg = SimpleNamespace(micro_batch_tokens=4096, pack=False, pack_row_tokens=0, share_prompts=True)
+    mbs = micro_batches(batch, {"target": batch.targets}, cfg)
+    rows = [(mb, r) for mb in mbs for r in range(len(mb.tokens))]
+    assert len(rows) == 2 and all(mb.shares_prompts for mb in mbs)
+    n_tokens = sum(mb.num_tokens for mb in mbs)
+    assert n_tokens == int((batch.verify_pos + 1).sum()) - 2 * 2 * int(first[0])  # 2 of 3 prompt copies saved
+    for mb, r in rows:
+        seq, pos, allowed = mb.seq[r], mb.pos[r], ~mb.attention_mask[r, 0]
+        valid = seq >= 0
+        assert torch.equal(mb.tokens[r][valid], batch.tokens[seq[valid], pos[valid]])  # each token where it was
+        assert torch.equal(mb.fields["target"][r][valid], batch.targets[seq[valid], pos[valid]])
+        f = int(first[seq[0]])
+        assert torch.equal(pos[:f], torch.arange(f))  # the shared part
+        for i in seq[f:][valid[f:]].unique():
+            mine = (seq == i) & (torch.arange(len(seq)) >= f)
+            q = int(mine.nonzero()[-1])  # its last token sees the shared part and itself, nothing else
+            assert torch.equal(allowed[q], valid & ((torch.arange(len(seq)) < f) | mine))
+            assert pos[mine][0] == f  # restarts at the last prompt token's position
 
 
 def reference_worker(model_dir, agg):

@@ -3,7 +3,14 @@ attending only to itself (a block-diagonal causal mask), or, unpacked, one right
 
 RoPE depends only on the distance between two tokens of a sequence, so a sequence packed at an offset gets
 the same attention as at position 0: packed and unpacked losses agree to rounding (tested).
-Every field is [rows, S]; `src` maps a token back to (sequence, target index) in the SequenceBatch.
+
+Shared prompts (`train.share_prompts`): the G samples of one prompt are laid out as one unit,
+`prompt[:-1] | last prompt token + sample 1 | ... | last prompt token + sample G`, each sample attending to
+the shared part and to itself, at its own RoPE positions (`pos`). The shared tokens are computed once
+instead of G times and their gradient is the sum of the G copies': the same loss and gradient to rounding,
+because every loss weights only response and answer targets, which all lie after the shared part.
+
+Every field is [rows, S]; `seq` and `pos` map a token back to (sequence, target index) in the SequenceBatch.
 """
 
 from __future__ import annotations
@@ -19,13 +26,21 @@ from rlv_megatron.verifier import SequenceBatch
 class MicroBatch:
     tokens: torch.Tensor  # [R, S] inputs
     attention_mask: torch.Tensor | None  # [R, 1, S, S] bool, True = masked (megatron's); None: causal
-    seq: torch.Tensor  # [R, S] sequence index in the SequenceBatch, -1 on padding
-    pos: torch.Tensor  # [R, S] target index within that sequence
+    seq: torch.Tensor  # [R, S] sequence index in the SequenceBatch, -1 on padding (shared tokens: the first's)
+    pos: torch.Tensor  # [R, S] target index within that sequence (= the input's position)
     fields: dict[str, torch.Tensor] = field(default_factory=dict)  # per-token values, [R, S], 0 on padding
+    shares_prompts: bool = False  # some rows hold shared prompts: RoPE must read `pos`, not the row offset
 
     @property
     def num_tokens(self) -> int:
         return int((self.seq >= 0).sum())
+
+
+@dataclass
+class Unit:
+    """Sequences laid out together: the first `shared` inputs once, then each member's remaining inputs."""
+    members: list[int]
+    shared: int = 0
 
 
 def lengths(batch: SequenceBatch) -> list[int]:
@@ -33,13 +48,43 @@ def lengths(batch: SequenceBatch) -> list[int]:
     return (batch.verify_pos + 1).tolist()
 
 
-def plan_rows(lens: list[int], budget: int, pack: bool, row_tokens: int = 0, min_count: int = 1
-              ) -> list[list[list[int]]]:
-    """Micro-batches -> rows -> sequence indices. Packed, rows of `row_tokens` (at least the longest sequence;
-    0: the whole budget) take sequences first-fit, in order; unpacked, one each, as long as the longest.
-    Micro-batches hold as many rows as fit in `budget` tokens, spread evenly over at least `min_count` of
-    them (a pipeline needs one per stage; extra ones are empty). Rows shorter than the budget
-    keep attention cost (quadratic in the row) low where there is no varlen attention (the local spec)."""
+def prompt_units(batch: SequenceBatch, lens: list[int], share: bool, budget: int) -> list[Unit]:
+    """One unit per sequence, or (share) one per prompt shared by several sequences: their inputs before the
+    last prompt token, which are the same tokens with the same (zero-weight) targets. A unit longer than
+    `budget` is split into several, each with its own copy of the shared part."""
+    if not share:
+        return [Unit([i]) for i in range(len(lens))]
+    has_resp = batch.response_mask.any(1)
+    first = batch.response_mask.float().argmax(1)  # target index of the first response token = |prompt| - 1
+    by_prompt: dict[tuple, list[int]] = {}
+    for i in range(len(lens)):
+        key = tuple(batch.tokens[i, :int(first[i]) + 1].tolist()) if has_resp[i] else ("alone", i)
+        by_prompt.setdefault(key, []).append(i)
+    units = []
+    for members in by_prompt.values():
+        shared = int(first[members[0]]) if len(members) > 1 else 0
+        chunks = [[]]
+        for i in members:
+            if chunks[-1] and shared + sum(lens[m] - shared for m in chunks[-1] + [i]) > budget:
+                chunks.append([])
+            chunks[-1].append(i)
+        units += [Unit(c, shared if len(c) > 1 else 0) for c in chunks]
+    return sorted(units, key=lambda u: u.members[0])
+
+
+def unit_length(unit: Unit, lens: list[int]) -> int:
+    return unit.shared + sum(lens[m] - unit.shared for m in unit.members)
+
+
+def plan_rows(lens: list[int], budget: int, pack: bool, row_tokens: int = 0, min_count: int = 1,
+              fixed_shape: bool = True) -> list[list[list[int]]]:
+    """Micro-batches -> rows -> unit indices, for units of `lens` tokens. Packed, rows of `row_tokens` (at
+    least the longest unit; 0: the whole budget) take units first-fit, in order; unpacked, one each.
+    fixed_shape (pipelines need one [R, S] for all): every row as long as the longest, as many rows per
+    micro-batch as fit in `budget`, spread evenly over at least `min_count` micro-batches (one per stage;
+    extra ones are empty). Otherwise rows go longest first into micro-batches of their own [R, S] while R
+    times the first row's length fits in `budget`: little padding. Rows shorter than the budget keep
+    attention cost (quadratic in the row) low where there is no varlen attention (the local spec)."""
     longest = max(lens)
     if longest > budget:
         raise ValueError(f"train.micro_batch_tokens={budget}: a sequence of {longest} tokens does not fit")
@@ -54,17 +99,30 @@ def plan_rows(lens: list[int], budget: int, pack: bool, row_tokens: int = 0, min
         else:
             rows.append([i])
             used.append(n)
+    if not fixed_shape:
+        plan: list[list[list[int]]] = []
+        for r in sorted(range(len(rows)), key=lambda r: -used[r]):
+            if plan and (len(plan[-1]) + 1) * sum(lens[i] for i in plan[-1][0]) <= budget:
+                plan[-1].append(rows[r])
+            else:
+                plan.append([rows[r]])
+        return plan + [[] for _ in range(min_count - len(plan))]
     n_mb = max(-(-len(rows) // (budget // row_len)), min_count)
     per = -(-len(rows) // n_mb)
     plan = [rows[s:s + per] for s in range(0, len(rows), per)]
     return plan + [[] for _ in range(n_mb - len(plan))]
 
 
-def block_causal_mask(seq: torch.Tensor) -> torch.Tensor:
+def block_causal_mask(seq: torch.Tensor, unit: torch.Tensor | None = None, shared: torch.Tensor | None = None
+                      ) -> torch.Tensor:
     """[R, S] sequence ids (-1 = padding) -> [R, 1, S, S] True where attention is masked. Each token sees
-    the earlier tokens of its own sequence (padding sees itself, so no softmax row is empty)."""
+    the earlier tokens of its own sequence (padding sees itself, so no softmax row is empty); with `unit`
+    ids and `shared` flags, also the earlier shared tokens of its unit."""
     S = seq.shape[-1]
+    unit = seq if unit is None else unit
     same = (seq[:, :, None] == seq[:, None, :]) & (seq[:, :, None] >= 0)
+    if shared is not None:
+        same = (same & ~shared[:, :, None] | shared[:, None, :]) & (unit[:, :, None] == unit[:, None, :])
     allowed = (same & torch.ones(S, S, dtype=torch.bool).tril()) | torch.eye(S, dtype=torch.bool)
     return ~allowed[:, None]
 
@@ -72,38 +130,54 @@ def block_causal_mask(seq: torch.Tensor) -> torch.Tensor:
 def micro_batches(batch: SequenceBatch, per_token: dict[str, torch.Tensor], batching, multiple_of: int = 1,
                   pad_id: int = 0, min_count: int = 1) -> list[MicroBatch]:
     """Split `batch` by `plan_rows` under `batching` (train.micro_batch_tokens, train.pack,
-    train.pack_row_tokens); `per_token` tensors [B, L] are carried along as MicroBatch.fields.
-    All micro-batches share one shape [R, S] (pipeline schedules need one), empty rows filling the last;
-    S is a multiple of `multiple_of` (TP with sequence parallel)."""
+    train.pack_row_tokens, train.share_prompts); `per_token` tensors [B, L] are carried along as
+    MicroBatch.fields. Under a pipeline (min_count > 1) all micro-batches share one shape [R, S], empty
+    rows filling the last; without one each has its own. S is a multiple of `multiple_of` (TP with
+    sequence parallel)."""
     lens = lengths(batch)
-    plan = plan_rows(lens, batching.micro_batch_tokens, batching.pack, batching.pack_row_tokens, min_count)
-    S = max(sum(lens[i] for i in row) for rows in plan for row in rows)  # the first is never empty
-    S = -(-S // multiple_of) * multiple_of
-    R = max(len(rows) for rows in plan)
+    budget = batching.micro_batch_tokens
+    units = prompt_units(batch, lens, batching.share_prompts, budget)
+    unit_lens = [unit_length(u, lens) for u in units]
+    plan = plan_rows(unit_lens, budget, batching.pack, batching.pack_row_tokens, min_count,
+                     fixed_shape=min_count > 1)
+    row_len = lambda row: sum(unit_lens[u] for u in row)  # noqa: E731
+    round_up = lambda n: -(-n // multiple_of) * multiple_of  # noqa: E731
+    S_all = round_up(max(row_len(row) for rows in plan for row in rows))  # the first is never empty
+    R_all = max(len(rows) for rows in plan)
     out = []
     for rows in plan:
+        R, S = (R_all, S_all) if min_count > 1 else (len(rows), round_up(max(map(row_len, rows))))
         tokens = torch.full((R, S), pad_id, dtype=torch.long)
         seq = torch.full((R, S), -1, dtype=torch.long)
         pos = torch.zeros((R, S), dtype=torch.long)
+        unit_id = torch.full((R, S), -1, dtype=torch.long)
+        shared = torch.zeros((R, S), dtype=torch.bool)
         for r, row in enumerate(rows):
             at = 0
-            for i in row:
-                n = lens[i]
-                tokens[r, at:at + n] = batch.tokens[i, :n]
-                seq[r, at:at + n] = i
-                pos[r, at:at + n] = torch.arange(n)
-                at += n
+            for u in row:
+                unit = units[u]
+                spans = [(unit.members[0], 0, unit.shared, True)] if unit.shared else []
+                spans += [(i, unit.shared, lens[i], False) for i in unit.members]
+                for i, lo, hi, is_shared in spans:
+                    n = hi - lo
+                    tokens[r, at:at + n] = batch.tokens[i, lo:hi]
+                    seq[r, at:at + n], unit_id[r, at:at + n], shared[r, at:at + n] = i, u, is_shared
+                    pos[r, at:at + n] = torch.arange(lo, hi)
+                    at += n
         valid = seq >= 0
         si, pi = seq.clamp(min=0), pos
         fields = {k: torch.where(valid, v[si, pi], torch.zeros((), dtype=v.dtype)) for k, v in per_token.items()}
+        shares = bool(shared.any())
         # one sequence per row, right-padded: megatron's own causal mask is exact
-        mask = block_causal_mask(seq) if batching.pack else None
-        out.append(MicroBatch(tokens, mask, seq, pos, fields))
+        mask = (block_causal_mask(seq, unit_id, shared) if shares else block_causal_mask(seq)
+                if batching.pack else None)
+        out.append(MicroBatch(tokens, mask, seq, pos, fields, shares))
     return out
 
 
 def scatter_back(mbs: list[MicroBatch], values: list[torch.Tensor], shape: tuple[int, int]) -> torch.Tensor:
-    """Per-token values [R, S] of each micro-batch -> [B, L] in the SequenceBatch layout (0 elsewhere)."""
+    """Per-token values [R, S] of each micro-batch -> [B, L] in the SequenceBatch layout (0 elsewhere).
+    A shared prompt's values land on its first sequence only (no loss reads them)."""
     out = torch.zeros(shape, dtype=values[0].dtype)
     for mb, v in zip(mbs, values):
         valid = mb.seq >= 0

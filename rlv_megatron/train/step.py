@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from rlv_megatron.algos.losses import Totals, aggregation_weights, ppo_terms, verifier_ce
+from rlv_megatron.models.rope import rope_positions
 from rlv_megatron.train.heads import make_head
 from rlv_megatron.train.packing import MicroBatch, micro_batches, scatter_back
 from rlv_megatron.verifier import SequenceBatch
@@ -137,8 +138,12 @@ def run_schedule(chunks, mbs: list[MicroBatch], on_head, forward_only: bool, voc
 
     def step(data_iterator, model):
         mb = next(data_iterator)
-        positions = torch.arange(mb.tokens.shape[1]).expand_as(mb.tokens)
-        out = model(mb.tokens, positions, mb.attention_mask)
+        if mb.shares_prompts:  # samples after a shared prompt sit at their own positions, not the row's
+            positions = mb.pos
+            with rope_positions(model, positions):
+                out = model(mb.tokens, positions, mb.attention_mask)
+        else:
+            out = model(mb.tokens, torch.arange(mb.tokens.shape[1]).expand_as(mb.tokens), mb.attention_mask)
         if forward_only:
             return out, lambda output, non_loss_data=True: on_head(make_head(model, output, vocab), mb)
         return out, lambda output: on_head(make_head(model, output, vocab), mb)
@@ -208,7 +213,7 @@ def batch_layout(mbs: list[MicroBatch], values: list[list[torch.Tensor]] | None,
     return list(both)
 
 
-_ONE_ROW_EACH = SimpleNamespace(micro_batch_tokens=1 << 30, pack=False, pack_row_tokens=0)
+_ONE_ROW_EACH = SimpleNamespace(micro_batch_tokens=1 << 30, pack=False, pack_row_tokens=0, share_prompts=False)
 
 
 @dataclass
