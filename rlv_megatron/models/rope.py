@@ -17,11 +17,12 @@ import torch
 def rope_positions(model: torch.nn.Module, positions: torch.Tensor | None):
     from rlv_megatron.train.heads import unwrap
 
-    rope = getattr(unwrap(model), "rotary_pos_emb", None)
+    gpt = unwrap(model)
+    rope = getattr(gpt, "rotary_pos_emb", None)
     if positions is None or rope is None:
         yield
         return
-    if getattr(unwrap(model), "config", None) is not None and unwrap(model).config.apply_rope_fusion:
+    if gpt.config.apply_rope_fusion:
         raise NotImplementedError("per-token RoPE positions need apply_rope_fusion=False")
 
     def at_positions(max_seq_len, *args, **kwargs):

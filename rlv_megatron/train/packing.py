@@ -65,7 +65,7 @@ def prompt_units(batch: SequenceBatch, lens: list[int], share: bool, budget: int
         shared = int(first[members[0]]) if len(members) > 1 else 0
         chunks = [[]]
         for i in members:
-            if chunks[-1] and shared + sum(lens[m] - shared for m in chunks[-1] + [i]) > budget:
+            if chunks[-1] and unit_length(Unit(chunks[-1] + [i], shared), lens) > budget:
                 chunks.append([])
             chunks[-1].append(i)
         units += [Unit(c, shared if len(c) > 1 else 0) for c in chunks]

@@ -138,12 +138,11 @@ def run_schedule(chunks, mbs: list[MicroBatch], on_head, forward_only: bool, voc
 
     def step(data_iterator, model):
         mb = next(data_iterator)
-        if mb.shares_prompts:  # samples after a shared prompt sit at their own positions, not the row's
-            positions = mb.pos
-            with rope_positions(model, positions):
-                out = model(mb.tokens, positions, mb.attention_mask)
-        else:
-            out = model(mb.tokens, torch.arange(mb.tokens.shape[1]).expand_as(mb.tokens), mb.attention_mask)
+        # samples after a shared prompt sit at their own positions, not the row's
+        own = mb.pos if mb.shares_prompts else None
+        with rope_positions(model, own):
+            out = model(mb.tokens, torch.arange(mb.tokens.shape[1]).expand_as(mb.tokens) if own is None else own,
+                        mb.attention_mask)
         if forward_only:
             return out, lambda output, non_loss_data=True: on_head(make_head(model, output, vocab), mb)
         return out, lambda output: on_head(make_head(model, output, vocab), mb)
