@@ -12,8 +12,8 @@ train.micro_batch_tokens=1024, train.share_prompts=true; --set overrides, e.g. t
 Each side runs in its own process (peak RSS is per process), 1 warm-up step and --steps timed ones; ours at
 lambda = 0 (the same method as the baseline: the headline) and lambda = 1 (RL^V: also the verifier loss).
 Completion tokens/s = completion tokens / wall-clock step time. Training tokens/s = tokens trained / time of
-forward+backward+optimizer. MFU = 6 x params x training tokens / that time, over a large fp32 matmul's FLOP/s
-measured in the same process.
+forward+backward+optimizer. MFU = 6 x params x tokens computed (a shared prompt counts once) / that time,
+over a large fp32 matmul's FLOP/s measured in the same process.
 
 Usage: python benchmarks/rl_step.py [--steps 5] [--profile out.txt]   (last line: the headline ratio)
 """
@@ -144,7 +144,8 @@ def run_ours(args) -> dict:
             wall = time.perf_counter() - t0
             row = {"wall": wall, "peak_gb": peak_rss_gb(), **{k: v for k, v in metrics.times.items()},
                    "completion_tokens": values["throughput/generated_tokens"],
-                   "train_tokens": values["throughput/sequence_tokens"], "reward": values["reward/mean"]}
+                   "train_tokens": values["throughput/sequence_tokens"],
+                   "computed_tokens": values["throughput/trained_tokens"], "reward": values["reward/mean"]}
             metrics.times.clear()
             if not profiling:
                 steps.append(row)
@@ -215,7 +216,8 @@ def run_eager(args) -> dict:
         t4 = time.perf_counter()
         times = {"rollout": t1 - t0, "reward": t2 - t1, "forward_backward": t3 - t2, "optimizer": t4 - t3}
         steps.append({"wall": t4 - t0, "peak_gb": peak_rss_gb(), **times, "completion_tokens": completions.numel(),
-                      "train_tokens": int(full_mask.sum()), "reward": r.mean().item()})
+                      "train_tokens": int(full_mask.sum()), "computed_tokens": int(full_mask.sum()),
+                      "reward": r.mean().item()})
     task.close()
     mm = matmul_flops(args.threads)
     return {"side": "eager", "steps": steps[1:], "warmup": steps[0], "trainer_peak_gb": peak_rss_gb(),
@@ -248,7 +250,8 @@ def summarize(res: dict) -> dict:
             "completion_tokens": med("completion_tokens"), "train_tokens": tokens,
             "completion_tok_s": med("completion_tokens") / med("wall"), "train_tok_s": tokens / train_s,
             "fb_ms_per_token": 1e3 * med("forward_backward") / tokens,
-            "mfu": 6 * res["params"] * tokens / train_s / res["matmul_flops"],
+            "computed_tokens": med("computed_tokens"),
+            "mfu": 6 * res["params"] * med("computed_tokens") / train_s / res["matmul_flops"],
             "matmul_gflops": res["matmul_flops"] / 1e9, "trainer_peak_gb": res["trainer_peak_gb"],
             "engine_peak_gb": res["engine_peak_gb"], "step_peak_gb": max(x["peak_gb"] for x in s),
             "trend_s": [round(x["wall"], 2) for x in s],
@@ -259,7 +262,8 @@ def row(name: str, m: dict) -> str:
     return (f"{name:<14} step {m['wall_s']:6.2f} s | rollout {m['rollout_s']:.2f} reward {m['reward_s']:.2f} "
             f"score {m['score_s']:.2f} fwd+bwd {m['forward_backward_s']:.2f} optim {m['optimizer_s']:.2f} "
             f"sync {m['sync_s']:.2f} | {m['completion_tok_s']:.1f} completion tok/s, {m['train_tok_s']:.0f} "
-            f"train tok/s ({m['train_tokens']:.0f} tokens, {m['fb_ms_per_token']:.2f} ms/token fwd+bwd), "
+            f"train tok/s ({m['train_tokens']:.0f} tokens, {m['computed_tokens']:.0f} computed, "
+            f"{m['fb_ms_per_token']:.2f} ms/token fwd+bwd), "
             f"MFU {m['mfu']:.0%} of {m['matmul_gflops']:.0f} GFLOP/s | peak RSS trainer "
             f"{m['trainer_peak_gb']:.2f} GB (in steps {m['step_peak_gb']:.2f}), engine {m['engine_peak_gb']:.2f} GB"
             f" | step times {m['trend_s']}")

@@ -49,10 +49,11 @@ def layout() -> dict:
     }
 
 
-def model_flops(params: int, sequence_tokens: float, epochs: int, scoring_passes: int) -> float:
-    """Model FLOPs of a step's train phase: 6 x params per token per training pass (forward + backward),
-    2 x params per token per scoring forward (old log-probs, KL reference); attention and recompute left out."""
-    return params * sequence_tokens * (6 * epochs + 2 * scoring_passes)
+def model_flops(params: int, trained_tokens: float, scored_tokens: float) -> float:
+    """Model FLOPs of a step's train phase: 6 x params per token computed by a training pass (forward +
+    backward), 2 x params per token of a scoring forward (old log-probs, KL reference); padding, attention and
+    recompute left out."""
+    return params * (6 * trained_tokens + 2 * scored_tokens)
 
 
 def peak_tflops(device_name: str | None) -> float | None:

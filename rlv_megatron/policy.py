@@ -45,13 +45,12 @@ class Policy:
                 raise ConfigError("model.path: a Hugging Face model directory is required (or pass an arch)")
             arch = load_arch(cfg.model.path)
         validate(cfg, arch)
-        for name in ("pack", "share_prompts"):
-            if getattr(cfg.train, name) and resolve_impl(cfg.model) == "te":
+        for field, on in (("train.pack", cfg.train.pack), ("train.share_prompts", cfg.train.share_prompts)):
+            if on and resolve_impl(cfg.model) == "te":
                 # the TE spec's attention is built causal and ignores a block-diagonal mask: packed rows would
                 # attend across sequences. TE needs THD packed sequences (PackedSeqParams), not wired yet.
-                raise ConfigError(f"train.{name}=true with model.impl=te: rows of several sequences need THD "
-                                  "sequences under TransformerEngine, not implemented yet; "
-                                  f"set train.{name}=false")
+                raise ConfigError(f"{field}=true with model.impl=te: rows of several sequences need THD "
+                                  f"sequences under TransformerEngine, not implemented yet; set {field}=false")
         if not torch.cuda.is_available():
             torch.set_num_threads(cpu_threads(cfg.train.cpu_threads))
         init_megatron(cfg.parallel, seed=cfg.model.seed)

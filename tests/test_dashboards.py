@@ -16,7 +16,8 @@ from rlv_megatron import dashboards as d
 
 
 def test_throughput_from_known_inputs():
-    flops = d.model_flops(params=1_000_000, sequence_tokens=2_000, epochs=2, scoring_passes=2)
+    # two epochs over 2,000 computed tokens, two scoring forwards over the same tokens
+    flops = d.model_flops(params=1_000_000, trained_tokens=2 * 2_000, scored_tokens=2 * 2_000)
     assert flops == 1e6 * 2e3 * (6 * 2 + 2 * 2)
     out = d.throughput(rollout_tokens=5_000, rollout_s=2.0, train_tokens=4_000, train_s=0.5, train_flops=8e12,
                        gpus=4, peak=989.0, sync_gb=3.0, sync_s=1.5)
@@ -49,6 +50,8 @@ def test_loop_logs_throughput_of_each_step(monkeypatch, tmp_path):
         metrics.times.update(rollout=4.0, reward=0.5, train=2.0, sync=1.0)
         return {"throughput/rollout_tokens": 9_000, "throughput/generated_tokens": 6_000,
                 "throughput/sequence_tokens": 10_000, "sync/gb": 1.5, "sync/seconds": 0.75,
+                # prompts shared: 8,000 tokens computed per pass, two training passes
+                "throughput/trained_tokens": 16_000, "throughput/scored_tokens": 8_000,
                 "response/lengths": [3, 5]}
 
     monkeypatch.setattr(loop, "rl_step", fake_step)
@@ -60,7 +63,7 @@ def test_loop_logs_throughput_of_each_step(monkeypatch, tmp_path):
     metrics = Metrics(None)
     loop.train(policy, None, types.SimpleNamespace(tokenizer=None), None, cfg, metrics, tmp_path)
     assert [h["step"] for h in metrics.history] == [0, 1]
-    flops = total_params(arch) * 10_000 * (6 * 2 + 2 * 2)  # 2 epochs, scoring with the policy and reference
+    flops = total_params(arch) * 8_000 * (6 * 2 + 2 * 2)  # 2 epochs, scoring with the policy and reference
     expected = {d.ROLLOUT_TOKENS_PER_S: 1_500.0, d.TRAIN_TOKENS_PER_S: 10_000.0, d.SYNC_GB_PER_S: 2.0,
                 d.TFLOPS_PER_GPU: flops / 2.0 / 1e12, "time/train": 2.0}
     assert {k: metrics.history[-1][k] for k in expected} == pytest.approx(expected)
@@ -148,7 +151,7 @@ def _tiny_run(logdir) -> tuple[dict, str, bool]:
             values.update(d.throughput(
                 rollout_tokens=values["throughput/generated_tokens"], rollout_s=metrics.times["rollout"],
                 train_tokens=tokens, train_s=metrics.times["train"], gpus=1, peak=989.0,
-                train_flops=d.model_flops(800_000, tokens, 1, 1), sync_gb=0.4, sync_s=0.2,
+                train_flops=d.model_flops(800_000, tokens, tokens), sync_gb=0.4, sync_s=0.2,
                 step_s=sum(metrics.times.values()), step_tokens=tokens + 500))
             for k, v in metrics.log(step, values).items():
                 written.setdefault(k, {})[step] = v

@@ -205,7 +205,7 @@ def test_shared_prompt_layout():
     last prompt token on, at its own positions; a sample sees the shared part and itself only."""
     from types import SimpleNamespace
 
-    from rlv_megatron.train.packing import micro_batches
+    from rlv_megatron.train.packing import computed_tokens, lengths, micro_batches
 
     batch = grouped_batch(prompts=2, group=3)
     first = batch.response_mask.float().argmax(1)
@@ -215,6 +215,9 @@ def test_shared_prompt_layout():
     assert len(rows) == 2 and all(mb.shares_prompts for mb in mbs)
     n_tokens = sum(mb.num_tokens for mb in mbs)
     assert n_tokens == int((batch.verify_pos + 1).sum()) - 2 * 2 * int(first[0])  # 2 of 3 prompt copies saved
+    assert computed_tokens(batch, cfg) == n_tokens  # what the dashboards' FLOPs count
+    split = SimpleNamespace(**{**vars(cfg), "micro_batch_tokens": int(lengths(batch)[0]) * 2})
+    assert computed_tokens(batch, split) == sum(mb.num_tokens for mb in micro_batches(batch, {}, split))
     for mb, r in rows:
         seq, pos, allowed = mb.seq[r], mb.pos[r], ~mb.attention_mask[r, 0]
         valid = seq >= 0

@@ -19,6 +19,7 @@ from rlv_megatron.evaluate import evaluate
 from rlv_megatron.metrics import verifier_quality
 from rlv_megatron.plan import total_params
 from rlv_megatron.train import checkpoint
+from rlv_megatron.train.packing import computed_tokens
 from rlv_megatron.train.seeds import step_seed
 from rlv_megatron.train.step import rl_objective, score
 from rlv_megatron.verifier import SequenceBatch, build_sequences, verifier_selection
@@ -83,11 +84,12 @@ def rl_step(step, policy, engine, task, fmt, cfg, metrics, place: Placement = Pl
         keep = informative_groups(r, group_ids) if a.filter_equal_reward_groups else torch.ones_like(r, dtype=bool)
         # all-equal groups carry no policy gradient but still teach the verifier
         batch.policy_mask &= keep[:, None]
-        train_stats = {}
+        train_stats, trained = {}, 0
         order = torch.Generator().manual_seed(step_seed(cfg.train.seed, step, -1))  # same on every rank
         for _ in range(a.ppo_epochs):
             for idx in torch.randperm(len(batch), generator=order).chunk(a.ppo_minibatches):
                 sub, outputs = batch.select(idx), {}
+                trained += computed_tokens(sub, cfg.train)
                 train_stats = policy.train_step(sub, rl_objective(
                     sub, None if from_forward else old_logp[idx], a, cfg.verifier, policy.vocab, fmt.yes_id,
                     fmt.no_id, None if ref_logp is None else ref_logp[idx], policy.groups.dp, fmt.score_no_id),
@@ -110,6 +112,9 @@ def rl_step(step, policy, engine, task, fmt, cfg, metrics, place: Placement = Pl
     rollout_stats = dp_mean({"reward/mean": r.mean().item(), "reward/informative_groups": keep.float().mean().item(),
                              "policy/train_rollout_logprob_gap": gap.item(), **ro.stats,
                              "throughput/sequence_tokens": (batch.verify_pos + 1).sum().item(),  # one pass
+                             # what forward passes computed (shared prompts once): FLOPs count these
+                             "throughput/trained_tokens": trained,
+                             "throughput/scored_tokens": computed_tokens(batch, cfg.train),
                              **verifier_stats}, place)
     return {**rollout_stats, "reward/pass@1": rollout_stats["reward/mean"], "sync/seconds": sync_seconds,
             "sync/gb": sync_gb, **train_stats,
@@ -147,11 +152,13 @@ def train(policy, engine, task, fmt, cfg, metrics, out_dir: Path, start_step: in
         step_s = time.perf_counter() - t0
         lengths = values.pop("response/lengths")
         tokens = values["throughput/sequence_tokens"] * place.dp_size  # replicas' means x replicas
+        computed = dashboards.model_flops(params, values["throughput/trained_tokens"] * place.dp_size,
+                                          values["throughput/scored_tokens"] * place.dp_size * scoring_passes)
         values.update(dashboards.throughput(
             rollout_tokens=values["throughput/generated_tokens"] * place.dp_size,
             rollout_s=metrics.times.get("rollout", 0.0), train_tokens=tokens * cfg.algo.ppo_epochs,
             train_s=metrics.times.get("train", 0.0), gpus=gpus, peak=peak, sync_gb=values["sync/gb"],
-            train_flops=dashboards.model_flops(params, tokens, cfg.algo.ppo_epochs, scoring_passes),
+            train_flops=computed,
             sync_s=values["sync/seconds"], step_s=step_s,
             step_tokens=values["throughput/rollout_tokens"] * place.dp_size))
         metrics.log(step, values)

@@ -76,6 +76,14 @@ def unit_length(unit: Unit, lens: list[int]) -> int:
     return unit.shared + sum(lens[m] - unit.shared for m in unit.members)
 
 
+def computed_tokens(batch: SequenceBatch, batching) -> int:
+    """Tokens one forward over `batch` computes under `batching` (padding left out): its sequence tokens less,
+    under train.share_prompts, the prompt copies not computed."""
+    lens = lengths(batch)
+    units = prompt_units(batch, lens, batching.share_prompts, batching.micro_batch_tokens)
+    return sum(unit_length(u, lens) for u in units)
+
+
 def plan_rows(lens: list[int], budget: int, pack: bool, row_tokens: int = 0, min_count: int = 1,
               fixed_shape: bool = True) -> list[list[list[int]]]:
     """Micro-batches -> rows -> unit indices, for units of `lens` tokens. Packed, rows of `row_tokens` (at
