@@ -181,8 +181,22 @@ def test_vocab_parallel_logprobs_equal_log_softmax():
     assert torch.autograd.gradcheck(lambda z: target_logprobs(z, targets, vocab), (logits,))
 
 
+def block_causal_mask(seq: torch.Tensor, unit: torch.Tensor | None = None, shared: torch.Tensor | None = None
+                      ) -> torch.Tensor:
+    """[R, S] sequence ids (-1 = padding) -> [R, 1, S, S] True where attention is masked. Each token sees
+    the earlier tokens of its own sequence (padding sees itself, so no softmax row is empty); with `unit`
+    ids and `shared` flags, also the earlier shared tokens of its unit."""
+    S = seq.shape[-1]
+    unit = seq if unit is None else unit
+    same = (seq[:, :, None] == seq[:, None, :]) & (seq[:, :, None] >= 0)
+    if shared is not None:
+        same = (same & ~shared[:, :, None] | shared[:, None, :]) & (unit[:, :, None] == unit[:, None, :])
+    allowed = (same & torch.ones(S, S, dtype=torch.bool).tril()) | torch.eye(S, dtype=torch.bool)
+    return ~allowed[:, None]
+
+
 def test_block_causal_mask_and_row_plan():
-    from rlv_megatron.train.packing import block_causal_mask, plan_rows
+    from rlv_megatron.train.packing import plan_rows
 
     m = block_causal_mask(torch.tensor([[0, 0, 1, 1, 1, -1]]))
     assert m.shape == (1, 1, 6, 6)
@@ -205,6 +219,7 @@ def test_shared_prompt_layout():
     last prompt token on, at its own positions; a sample sees the shared part and itself only."""
     from types import SimpleNamespace
 
+    from rlv_megatron.models.segments import dense_mask
     from rlv_megatron.train.packing import computed_tokens, lengths, micro_batches
 
     batch = grouped_batch(prompts=2, group=3)
@@ -219,7 +234,7 @@ def test_shared_prompt_layout():
     split = SimpleNamespace(**{**vars(cfg), "micro_batch_tokens": int(lengths(batch)[0]) * 2})
     assert computed_tokens(batch, split) == sum(mb.num_tokens for mb in micro_batches(batch, {}, split))
     for mb, r in rows:
-        seq, pos, allowed = mb.seq[r], mb.pos[r], ~mb.attention_mask[r, 0]
+        seq, pos, allowed = mb.seq[r], mb.pos[r], ~dense_mask(mb.attention_mask, *mb.tokens.shape)[r, 0]
         valid = seq >= 0
         assert torch.equal(mb.tokens[r][valid], batch.tokens[seq[valid], pos[valid]])  # each token where it was
         assert torch.equal(mb.fields["target"][r][valid], batch.targets[seq[valid], pos[valid]])

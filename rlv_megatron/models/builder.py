@@ -93,11 +93,11 @@ def layer_spec(arch: ModelArch, impl: str, attention: str = "sdpa"):
 
     if impl == "te":
         return specs.get_gpt_layer_with_transformer_engine_spec()
-    spec = specs.get_gpt_layer_local_spec(normalization="RMSNorm")
-    if attention == "sdpa":
-        from rlv_megatron.models.attention import SDPAttention
+    from rlv_megatron.models.attention import DenseMaskAttention, SDPAttention
 
-        spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    spec = specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    core = SDPAttention if attention == "sdpa" else DenseMaskAttention
+    spec.submodules.self_attention.submodules.core_attention = core
     return spec
 
 

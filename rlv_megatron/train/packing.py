@@ -1,12 +1,13 @@
 """Micro-batches by a token budget: sequences packed end to end into rows (little padding waste), each
-attending only to itself (a block-diagonal causal mask), or, unpacked, one right-padded sequence per row.
+attending only to itself (one segment of `models.segments`' layout each), or, unpacked, one right-padded
+sequence per row (megatron's causal mask).
 
 RoPE depends only on the distance between two tokens of a sequence, so a sequence packed at an offset gets
 the same attention as at position 0: packed and unpacked losses agree to rounding (tested).
 
 Shared prompts (`train.share_prompts`): the G samples of one prompt are laid out as one unit,
 `prompt[:-1] | last prompt token + sample 1 | ... | last prompt token + sample G`, each sample attending to
-the shared part and to itself, at its own RoPE positions (`pos`). The shared tokens are computed once
+the shared part (its segment's prefix) and to itself, at its own RoPE positions (`pos`). The shared tokens are computed once
 instead of G times and their gradient is the sum of the G copies': the same loss and gradient to rounding,
 because every loss weights only response and answer targets, which all lie after the shared part.
 
@@ -19,13 +20,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from rlv_megatron.models.segments import Segment, encode
 from rlv_megatron.verifier import SequenceBatch
 
 
 @dataclass
 class MicroBatch:
     tokens: torch.Tensor  # [R, S] inputs
-    attention_mask: torch.Tensor | None  # [R, 1, S, S] bool, True = masked (megatron's); None: causal
+    attention_mask: torch.Tensor | None  # models.segments' layout (rows of several sequences); None: causal
     seq: torch.Tensor  # [R, S] sequence index in the SequenceBatch, -1 on padding (shared tokens: the first's)
     pos: torch.Tensor  # [R, S] target index within that sequence (= the input's position)
     fields: dict[str, torch.Tensor] = field(default_factory=dict)  # per-token values, [R, S], 0 on padding
@@ -121,20 +123,6 @@ def plan_rows(lens: list[int], budget: int, pack: bool, row_tokens: int = 0, min
     return plan + [[] for _ in range(n_mb - len(plan))]
 
 
-def block_causal_mask(seq: torch.Tensor, unit: torch.Tensor | None = None, shared: torch.Tensor | None = None
-                      ) -> torch.Tensor:
-    """[R, S] sequence ids (-1 = padding) -> [R, 1, S, S] True where attention is masked. Each token sees
-    the earlier tokens of its own sequence (padding sees itself, so no softmax row is empty); with `unit`
-    ids and `shared` flags, also the earlier shared tokens of its unit."""
-    S = seq.shape[-1]
-    unit = seq if unit is None else unit
-    same = (seq[:, :, None] == seq[:, None, :]) & (seq[:, :, None] >= 0)
-    if shared is not None:
-        same = (same & ~shared[:, :, None] | shared[:, None, :]) & (unit[:, :, None] == unit[:, None, :])
-    allowed = (same & torch.ones(S, S, dtype=torch.bool).tril()) | torch.eye(S, dtype=torch.bool)
-    return ~allowed[:, None]
-
-
 def micro_batches(batch: SequenceBatch, per_token: dict[str, torch.Tensor], batching, multiple_of: int = 1,
                   pad_id: int = 0, min_count: int = 1) -> list[MicroBatch]:
     """Split `batch` by `plan_rows` under `batching` (train.micro_batch_tokens, train.pack,
@@ -159,26 +147,26 @@ def micro_batches(batch: SequenceBatch, per_token: dict[str, torch.Tensor], batc
         seq = torch.full((R, S), -1, dtype=torch.long)
         pos = torch.zeros((R, S), dtype=torch.long)
         unit_id = torch.full((R, S), -1, dtype=torch.long)
-        shared = torch.zeros((R, S), dtype=torch.bool)
+        segments = []
         for r, row in enumerate(rows):
             at = 0
             for u in row:
                 unit = units[u]
-                spans = [(unit.members[0], 0, unit.shared, True)] if unit.shared else []
-                spans += [(i, unit.shared, lens[i], False) for i in unit.members]
-                for i, lo, hi, is_shared in spans:
+                spans = [(unit.members[0], 0, unit.shared)] if unit.shared else []
+                spans += [(i, unit.shared, lens[i]) for i in unit.members]
+                prefix = (at, at + unit.shared)  # the members see the shared span, laid out first
+                for i, lo, hi in spans:
                     n = hi - lo
                     tokens[r, at:at + n] = batch.tokens[i, lo:hi]
-                    seq[r, at:at + n], unit_id[r, at:at + n], shared[r, at:at + n] = i, u, is_shared
-                    pos[r, at:at + n] = torch.arange(lo, hi)
+                    seq[r, at:at + n], pos[r, at:at + n] = i, torch.arange(lo, hi)
+                    segments.append(Segment(r, at, at + n, *(prefix if lo and unit.shared else (0, 0))))
                     at += n
         valid = seq >= 0
         si, pi = seq.clamp(min=0), pos
         fields = {k: torch.where(valid, v[si, pi], torch.zeros((), dtype=v.dtype)) for k, v in per_token.items()}
-        shares = bool(shared.any())
+        shares = any(s.prefix_end for s in segments)
         # one sequence per row, right-padded: megatron's own causal mask is exact
-        mask = (block_causal_mask(seq, unit_id, shared) if shares else block_causal_mask(seq)
-                if batching.pack else None)
+        mask = encode(segments, R) if shares or batching.pack else None
         out.append(MicroBatch(tokens, mask, seq, pos, fields, shares))
     return out
 
