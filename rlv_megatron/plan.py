@@ -135,7 +135,8 @@ def estimate(cfg: Config, arch: ModelArch, device: Device, world_size: int, mfu:
     m["grads"] = P * 4
     m["optimizer"] = P * (8 + (4 if pbytes == 2 else 0)) / (dp if par.distributed_optimizer else 1)
     T = tr.micro_batch_tokens
-    row = min(T, tr.pack_row_tokens or T) if tr.pack else min(T, cfg.rollout.max_model_len)
+    # the longest row attention spans: a packed row, a shared prompt's unit (up to the budget) or one sequence
+    row = min(T, tr.pack_row_tokens or T) if tr.pack else T if tr.share_prompts else min(T, cfg.rollout.max_model_len)
     # scores kept for the backward only by megatron's DotProductAttention (TE and SDPA keep a logsumexp)
     scores = not device.flash_attention and cfg.model.local_attention == "dot_product"
     per_token = activation_elements(arch, tp, par.sequence_parallel, row, par.recompute, scores=scores)
@@ -173,6 +174,10 @@ def estimate(cfg: Config, arch: ModelArch, device: Device, world_size: int, mfu:
                               f"rollout.max_model_len={ro.max_model_len}: rollouts run in waves")
         flops_token = (8 if par.recompute == "full" else 6) * total_params(arch)
         plan.throughput["train tokens/s (cluster)"] = mfu * device.bf16_tflops * 1e12 * world_size / flops_token
+        if tr.share_prompts:
+            plan.notes.append(f"train.share_prompts: train tokens/s counts tokens computed; a prompt computed once for "
+                              f"its {cfg.algo.group_size} samples makes sequence tokens/s higher by "
+                              f"(prompt + response) / (prompt / {cfg.algo.group_size} + response)")
         # a decode step reads the weights and, on average, half of each sequence's final KV cache
         step_s = (engine_weights + in_flight * kv_seq / 2) / (device.bandwidth_tbps * 1e12 * bandwidth_efficiency)
         plan.throughput["rollout tokens/s (cluster)"] = in_flight / step_s * dp

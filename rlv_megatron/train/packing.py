@@ -7,9 +7,10 @@ the same attention as at position 0: packed and unpacked losses agree to roundin
 
 Shared prompts (`train.share_prompts`): the G samples of one prompt are laid out as one unit,
 `prompt[:-1] | last prompt token + sample 1 | ... | last prompt token + sample G`, each sample attending to
-the shared part (its segment's prefix) and to itself, at its own RoPE positions (`pos`). The shared tokens are computed once
-instead of G times and their gradient is the sum of the G copies': the same loss and gradient to rounding,
-because every loss weights only response and answer targets, which all lie after the shared part.
+the shared part (its segment's prefix) and to itself, at its own RoPE positions (`pos`). The shared tokens
+are computed once instead of G times and their gradient is the sum of the G copies': the same loss and
+gradient to rounding, because every loss weights only response and answer targets, which all lie after
+the shared part.
 
 Every field is [rows, S]; `seq` and `pos` map a token back to (sequence, target index) in the SequenceBatch.
 """
