@@ -61,7 +61,8 @@ def sample_pool(engine, fmt: ChatFormat, task, problems, cfg: EvalConfig, max_to
 def pool_metrics(pool: list[list[dict]], cfg: EvalConfig) -> dict[str, float]:
     problems = [[scaling.Sample(r["answer"], r["correct"], r["score"], r["logprob_mean"]) for r in rows]
                 for rows in pool]
-    return scaling.evaluate(problems, scaling.powers_of_two_up_to(cfg.samples), subsets=cfg.subsets, seed=cfg.seed)
+    return scaling.evaluate(problems, scaling.powers_of_two_up_to(cfg.samples), subsets=cfg.subsets, seed=cfg.seed,
+                            max_exact=cfg.exact_subsets)
 
 
 def evaluate(engine, fmt, task, problems, cfg: EvalConfig, max_tokens: int) -> tuple[dict, list]:

@@ -79,7 +79,8 @@ def pool_report(pools: dict[int | None, list[list[dict]]], cfg: EvalConfig, keys
         if not 1 <= k <= n:
             raise ConfigError(f"eval.strategy_k={k}: must be between 1 and the pool size N={n}")
         ks = sorted(set(scaling.powers_of_two_up_to(n)) | {k})
-        m = scaling.evaluate(samples[budget], ks, subsets=cfg.subsets, seed=cfg.seed, kind=cfg.score_kind,
+        m = scaling.evaluate(samples[budget], ks, subsets=cfg.subsets, seed=cfg.seed, max_exact=cfg.exact_subsets,
+                             kind=cfg.score_kind,
                              temperature=cfg.reward_temperature)
         m["samples"] = n
         m["mean_length"] = float(np.mean(lengths[budget]))
