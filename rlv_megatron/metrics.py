@@ -1,5 +1,6 @@
-"""Step metrics: TensorBoard scalars (with the dashboards' layout and GPU samples), phase timers, and the
-verifier's quality on a step's rollouts."""
+"""Step logging: TensorBoard scalars (with the dashboards' layout and GPU samples), phase timers and a JSON
+line per step. What the numbers mean is computed elsewhere (scaling.py: verifier quality; dashboards.py:
+throughput)."""
 
 from __future__ import annotations
 
@@ -70,26 +71,3 @@ class Metrics:
             self.gpu = None
         if self.writer is not None:
             self.writer.close()
-
-
-def auc(scores: list[float], labels: list[bool]) -> float | None:
-    """Mann-Whitney AUC (ties count one half); None with a single class."""
-    pos = [s for s, y in zip(scores, labels) if y]
-    neg = [s for s, y in zip(scores, labels) if not y]
-    if not pos or not neg:
-        return None
-    wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
-    return wins / (len(pos) * len(neg))
-
-
-def verifier_quality(scores: list[float], correct: list[bool], group_ids: list[int]) -> dict:
-    """Accuracy at 0.5, pooled AUC, and AUC within a prompt (mean over prompts with both classes)."""
-    within = []
-    for g in set(group_ids):
-        idx = [i for i, x in enumerate(group_ids) if x == g]
-        a = auc([scores[i] for i in idx], [correct[i] for i in idx])
-        if a is not None:
-            within.append(a)
-    return {"verifier/accuracy": sum((s >= 0.5) == c for s, c in zip(scores, correct)) / max(len(scores), 1),
-            "verifier/auc_pooled": auc(scores, correct),
-            "verifier/auc_within_prompt": sum(within) / len(within) if within else None}

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -108,8 +109,10 @@ def run(cfg: Config) -> Path | None:
         if lead:
             print(f"resuming from {resume} (RL step {start_step})", flush=True)
     elif cfg.sft.steps > 0:
-        with metrics.timer("sft"):
-            results["sft"] = warm_start(policy, task, fmt, cfg, metrics)
+        t0 = time.perf_counter()
+        results["sft"] = warm_start(policy, task, fmt, cfg, metrics)
+        # its own record: a phase timer would be logged with RL step 0's phases
+        metrics.log(cfg.sft.steps, {"sft/seconds": time.perf_counter() - t0})
     if cfg.algo.kl_beta > 0 and policy.reference is None:
         policy.freeze_reference()
     start = policy.export(out / "start", task.tokenizer, dtype=getattr(torch, cfg.model.params_dtype))  # collective

@@ -307,6 +307,20 @@ def _pooled(problems: Sequence[Sequence[Sample]]) -> tuple[np.ndarray, np.ndarra
     return _raw_scores(flat), _labels(flat)
 
 
+def verifier_quality(scores: Sequence[float], correct: Sequence[bool], group_ids: Sequence[int]) -> dict:
+    """A training step's verifier on its rollouts: accuracy at 0.5, pooled AUC, and AUC within a prompt
+    (mean over prompts with both classes), as step metrics."""
+    groups: dict = {}
+    for s, c, g in zip(scores, correct, group_ids):
+        groups.setdefault(g, ([], []))
+        groups[g][0].append(s)
+        groups[g][1].append(c)
+    within = [a for s, c in groups.values() if (a := auc(s, c)) is not None]
+    return {"verifier/accuracy": sum((s >= 0.5) == c for s, c in zip(scores, correct)) / max(len(scores), 1),
+            "verifier/auc_pooled": auc(scores, correct),
+            "verifier/auc_within_prompt": float(np.mean(within)) if within else None}
+
+
 def verifier_accuracy(problems: Sequence[Sequence[Sample]], threshold: float = 0.5) -> float:
     """Fraction of samples where (score >= threshold) matches correctness, pooled over samples."""
     s, y = _pooled(problems)

@@ -360,3 +360,17 @@ def test_powers_of_two_up_to():
     assert powers_of_two_up_to(1) == [1]
     assert powers_of_two_up_to(16) == [1, 2, 4, 8, 16]
     assert powers_of_two_up_to(100) == [1, 2, 4, 8, 16, 32, 64]
+
+
+def test_step_verifier_quality_is_the_pool_metrics():
+    """The training step's verifier metrics are the evaluation's, on the step's rollouts as one pool."""
+    from rlv_megatron.scaling import verifier_quality
+
+    rng = np.random.default_rng(13)
+    scores, correct, groups = list(rng.random(24)), list(rng.random(24) < 0.4), [i // 6 for i in range(24)]
+    problems = [[Sample("x" if c else "y", bool(c), s) for s, c, g in zip(scores, correct, groups) if g == q]
+                for q in range(4)]
+    got = verifier_quality(scores, correct, groups)
+    assert got["verifier/auc_pooled"] == pytest.approx(pooled_auc(problems), abs=1e-12)
+    assert got["verifier/auc_within_prompt"] == pytest.approx(within_prompt_auc(problems), abs=1e-12)
+    assert got["verifier/accuracy"] == pytest.approx(verifier_accuracy(problems), abs=1e-12)

@@ -16,8 +16,8 @@ from rlv_megatron import dashboards
 from rlv_megatron.algos.advantages import informative_groups
 from rlv_megatron.rollout.colocate import Placement, dp_mean, my_share, share_from_engine, stream_weights
 from rlv_megatron.evaluate import evaluate
-from rlv_megatron.metrics import verifier_quality
 from rlv_megatron.plan import total_params
+from rlv_megatron.scaling import verifier_quality
 from rlv_megatron.train import checkpoint
 from rlv_megatron.train.packing import computed_tokens
 from rlv_megatron.train.seeds import step_seed
