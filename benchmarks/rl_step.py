@@ -165,7 +165,7 @@ def run_eager(args) -> dict:
     import torch
     import transformers
 
-    from kernels.grouped_advantage import grouped_advantages
+    from rlv_megatron.algos.advantages import compute_advantages
 
     torch.set_flush_denormal(True)
     torch.set_num_threads(args.threads)
@@ -196,7 +196,7 @@ def run_eager(args) -> dict:
         answers = [p.answer for p in problems for _ in range(G)]
         rewards, _ = task.grade([fmt.decode(c.tolist()) for c in completions], answers)
         r = torch.tensor(rewards)
-        adv = grouped_advantages("grpo", r, torch.arange(len(prompts)).repeat_interleave(G), cfg.algo.adv_eps)
+        adv = compute_advantages("grpo", r, torch.arange(len(prompts)).repeat_interleave(G), cfg.algo.adv_eps)
         t2 = time.perf_counter()
         full_mask = torch.cat([mask.repeat_interleave(G, 0), torch.ones_like(completions)], 1)
         positions = (full_mask.cumsum(-1) - 1).clamp(min=0)

@@ -11,9 +11,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from kernels.grouped_advantage import grouped_advantages
 from rlv_megatron import dashboards
-from rlv_megatron.algos.advantages import informative_groups
+from rlv_megatron.algos.advantages import compute_advantages, informative_groups
 from rlv_megatron.rollout.colocate import Placement, dp_mean, my_share, share_from_engine, stream_weights
 from rlv_megatron.evaluate import evaluate
 from rlv_megatron.plan import total_params
@@ -51,7 +50,7 @@ def collect_rollouts(step, engine, task, fmt, cfg, metrics, place: Placement) ->
         rewards, grade_stats = task.grade(texts, [problems[i].answer for i, _ in flat])
     group_ids = torch.tensor([i for i, _ in flat])
     r = torch.tensor(rewards, dtype=torch.float32)
-    adv = grouped_advantages(a.advantage, r, group_ids, a.adv_eps)  # graded on the host: the PyTorch path
+    adv = compute_advantages(a.advantage, r, group_ids, a.adv_eps)  # graded on the host: the PyTorch path
     rng = random.Random(step_seed(cfg.train.seed, step, -2 - place.dp_rank))  # verifier example selection
     batch = build_sequences(fmt, [prompts[i] for i, _ in flat], [s.token_ids for _, s in flat], rewards,
                             adv.tolist(), verifier_selection(rewards, cfg.verifier.examples, rng),
