@@ -69,7 +69,8 @@ def announce(cfg: Config, out: Path) -> Path | None:
 def run(cfg: Config) -> Path | None:
     """The whole run on every rank (under torchrun or Slurm, one process per rank); returns the metrics path
     on global rank 0 and None elsewhere."""
-    from rlv_megatron.evaluate import evaluate
+    from rlv_megatron.eval.equivalence import AnswerKeys
+    from rlv_megatron.eval.sampling import evaluate
     from rlv_megatron.metrics import Metrics
     from rlv_megatron.policy import Policy
     from rlv_megatron.rollout.colocate import Placement
@@ -125,8 +126,8 @@ def run(cfg: Config) -> Path | None:
             return None
         final, pool = {}, []
         if cfg.eval.final:
-            with metrics.timer("eval"):
-                final, pool = evaluate(engine, fmt, task, task.eval, cfg.eval, cfg.algo.max_tokens)
+            with metrics.timer("eval"), AnswerKeys(cfg.task.grader_workers, cfg.task.grader_timeout_s) as keys:
+                final, pool = evaluate(engine, fmt, task, task.eval, cfg.eval, cfg.algo.max_tokens, keys)
             metrics.log(cfg.train.steps, {f"eval/{k}": v for k, v in final.items()})
     finally:
         if engine is not None:

@@ -14,7 +14,8 @@ from tqdm import tqdm
 from rlv_megatron import dashboards
 from rlv_megatron.algos.advantages import compute_advantages, informative_groups
 from rlv_megatron.rollout.colocate import Placement, dp_mean, my_share, share_from_engine, stream_weights
-from rlv_megatron.evaluate import evaluate
+from rlv_megatron.eval.equivalence import AnswerKeys
+from rlv_megatron.eval.sampling import evaluate
 from rlv_megatron.plan import total_params
 from rlv_megatron.scaling import verifier_quality
 from rlv_megatron.train import checkpoint
@@ -174,7 +175,7 @@ def train(policy, engine, task, fmt, cfg, metrics, out_dir: Path, start_step: in
 
 
 def run_eval(step, engine, task, fmt, cfg, metrics) -> dict:
-    with metrics.timer("eval"):
-        result, _ = evaluate(engine, fmt, task, task.eval, cfg.eval, cfg.algo.max_tokens)
+    with metrics.timer("eval"), AnswerKeys(cfg.task.grader_workers, cfg.task.grader_timeout_s) as keys:
+        result, _ = evaluate(engine, fmt, task, task.eval, cfg.eval, cfg.algo.max_tokens, keys)
     metrics.log(step, {f"eval/{k}": v for k, v in result.items()})
     return {"step": step, **result}
