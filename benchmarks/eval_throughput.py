@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rlv_megatron import scaling  # noqa: E402
+from rlv_megatron.eval import scaling  # noqa: E402
 from rlv_megatron.config import EvalConfig  # noqa: E402
 from rlv_megatron.eval.equivalence import AnswerKeys  # noqa: E402
 from rlv_megatron.eval.metrics import pool_report  # noqa: E402

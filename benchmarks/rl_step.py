@@ -112,9 +112,9 @@ def child_peaks_gb() -> float:
 def run_ours(args) -> dict:
     import torch
 
-    from rlv_megatron.metrics import Metrics
+    from rlv_megatron.dashboards import Metrics
     from rlv_megatron.plan import total_params
-    from rlv_megatron.policy import Policy
+    from rlv_megatron.train.policy import Policy
     from rlv_megatron.rollout.engine import make_engine
     from rlv_megatron.train.loop import rl_step
 

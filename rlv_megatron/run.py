@@ -71,16 +71,16 @@ def run(cfg: Config) -> Path | None:
     on global rank 0 and None elsewhere."""
     from rlv_megatron.eval.equivalence import AnswerKeys
     from rlv_megatron.eval.sampling import evaluate
-    from rlv_megatron.metrics import Metrics
-    from rlv_megatron.policy import Policy
-    from rlv_megatron.rollout.colocate import Placement
+    from rlv_megatron.dashboards import Metrics
+    from rlv_megatron.train.policy import Policy
+    from rlv_megatron.rollout.placement import Placement
     from rlv_megatron.rollout.engine import make_engine
     from rlv_megatron.tasks.chat import ChatFormat
     from rlv_megatron.tasks.registry import make_task
     from rlv_megatron.train import checkpoint
     from rlv_megatron.train.loop import run_eval, train
     from rlv_megatron.train.sft import warm_start
-    from rlv_megatron import report
+    from rlv_megatron.eval import report
 
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     # expected on CPU, and noise in a run's report: megatron's "TransformerEngine/Apex not installed"

@@ -8,12 +8,11 @@ import re
 import subprocess
 import sys
 from fractions import Fraction
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from rlv_megatron import scaling
+from rlv_megatron.eval import scaling
 from rlv_megatron.config import ConfigError, EvalConfig
 from rlv_megatron.eval import app, sequential
 from rlv_megatron.eval.equivalence import AnswerKeys, math_key

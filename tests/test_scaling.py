@@ -8,7 +8,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from rlv_megatron.scaling import (
+from rlv_megatron.eval.scaling import (
     Sample,
     auc,
     best_of_k,
@@ -364,7 +364,7 @@ def test_powers_of_two_up_to():
 
 def test_step_verifier_quality_is_the_pool_metrics():
     """The training step's verifier metrics are the evaluation's, on the step's rollouts as one pool."""
-    from rlv_megatron.scaling import verifier_quality
+    from rlv_megatron.eval.scaling import verifier_quality
 
     rng = np.random.default_rng(13)
     scores, correct, groups = list(rng.random(24)), list(rng.random(24) < 0.4), [i // 6 for i in range(24)]

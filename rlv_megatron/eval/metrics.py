@@ -7,11 +7,11 @@ import math
 
 import numpy as np
 
-from rlv_megatron import scaling
+from rlv_megatron.eval import scaling
 from rlv_megatron.config import ConfigError, EvalConfig
 from rlv_megatron.eval import sequential
 from rlv_megatron.eval.equivalence import AnswerKeys
-from rlv_megatron.report import by_k
+from rlv_megatron.eval.report import by_k
 
 
 def samples_to_reach(curve: dict[int, float], target: float) -> float | None:

@@ -13,16 +13,17 @@ from tqdm import tqdm
 
 from rlv_megatron import dashboards
 from rlv_megatron.algos.advantages import compute_advantages, informative_groups
-from rlv_megatron.rollout.colocate import Placement, dp_mean, my_share, share_from_engine, stream_weights
+from rlv_megatron.rollout.placement import Placement, dp_mean, my_share, share_from_engine
+from rlv_megatron.rollout.weight_stream import stream_weights
 from rlv_megatron.eval.equivalence import AnswerKeys
 from rlv_megatron.eval.sampling import evaluate
 from rlv_megatron.plan import total_params
-from rlv_megatron.scaling import verifier_quality
+from rlv_megatron.eval.scaling import verifier_quality
 from rlv_megatron.train import checkpoint
 from rlv_megatron.train.packing import computed_tokens
 from rlv_megatron.train.seeds import step_seed
 from rlv_megatron.train.step import rl_objective, score
-from rlv_megatron.verifier import SequenceBatch, build_sequences, verifier_selection
+from rlv_megatron.train.batch import SequenceBatch, build_sequences, verifier_selection
 
 
 @dataclass
@@ -151,16 +152,8 @@ def train(policy, engine, task, fmt, cfg, metrics, out_dir: Path, start_step: in
         values = rl_step(step, policy, engine, task, fmt, cfg, metrics, place)
         step_s = time.perf_counter() - t0
         lengths = values.pop("response/lengths")
-        tokens = values["throughput/sequence_tokens"] * place.dp_size  # replicas' means x replicas
-        computed = dashboards.model_flops(params, values["throughput/trained_tokens"] * place.dp_size,
-                                          values["throughput/scored_tokens"] * place.dp_size * scoring_passes)
-        values.update(dashboards.throughput(
-            rollout_tokens=values["throughput/generated_tokens"] * place.dp_size,
-            rollout_s=metrics.times.get("rollout", 0.0), train_tokens=tokens * cfg.algo.ppo_epochs,
-            train_s=metrics.times.get("train", 0.0), gpus=gpus, peak=peak, sync_gb=values["sync/gb"],
-            train_flops=computed,
-            sync_s=values["sync/seconds"], step_s=step_s,
-            step_tokens=values["throughput/rollout_tokens"] * place.dp_size))
+        values.update(dashboards.step_throughput(values, metrics.times, step_s, params, cfg.algo.ppo_epochs,
+                                                 scoring_passes, place.dp_size, gpus, peak))
         metrics.log(step, values)
         metrics.histogram("response/length", lengths, step)
         last = step == cfg.train.steps - 1
