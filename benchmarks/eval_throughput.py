@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rlv_megatron import scaling  # noqa: E402
+from rlv_megatron.eval import scaling  # noqa: E402
 from rlv_megatron.config import EvalConfig  # noqa: E402
 from rlv_megatron.eval.equivalence import AnswerKeys  # noqa: E402
 from rlv_megatron.eval.metrics import pool_report  # noqa: E402
@@ -92,9 +92,9 @@ def naive(problems, texts, samples: int) -> tuple[float, float, dict]:
         right = [x.correct and x.answer is not None for x in s]
         for k in ks:
             out[f"pass@{k}"] += scaling.pass_at_k(samples, sum(right), k) / len(pool)
-            out[f"majority@{k}"] += scaling.majority_at_k(s, k, 100, rng=k) / len(pool)
-            out[f"weighted@{k}"] += scaling.weighted_at_k(s, k, 100, rng=k) / len(pool)
-            scaling.weighted_at_k(s, k, 100, rng=k, key="likelihood")
+            out[f"majority@{k}"] += scaling.majority_at_k(s, k) / len(pool)
+            out[f"weighted@{k}"] += scaling.weighted_at_k(s, k) / len(pool)
+            scaling.weighted_at_k(s, k, key="likelihood")
             out[f"best_of@{k}"] += scaling.best_of_k(valid_scores, right, k) / len(pool)
             scaling.best_of_k([x.logprob_mean if x.answer is not None else -1e9 for x in s], right, k)
     scaling.within_prompt_auc([[scaling.Sample(r["answer"], r["correct"], r["score"]) for r in rows] for rows in pool])

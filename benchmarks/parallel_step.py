@@ -24,9 +24,9 @@ def worker(tp: int, steps: int) -> None:
 
     from rlv_megatron.config import Config
     from rlv_megatron.models.hf_config import ModelArch
-    from rlv_megatron.policy import Policy
+    from rlv_megatron.train.policy import Policy
     from rlv_megatron.train.step import rl_objective, score
-    from rlv_megatron.verifier import SequenceBatch
+    from rlv_megatron.train.batch import SequenceBatch
 
     arch = ModelArch(family="qwen2", vocab_size=32000, hidden_size=512, ffn_hidden_size=1536, num_layers=8,
                      num_heads=8, num_kv_heads=4, head_dim=64, norm_eps=1e-6, rope_theta=10000.0,

@@ -42,9 +42,9 @@ def measure(c) -> dict:
     # the attention the formulas were fitted on (stored scores); SDPA (the default) peaks lower, and the
     # estimate then errs high (BENCHMARKS.md)
     cfg.model.local_attention = "dot_product"
-    from rlv_megatron.policy import Policy
+    from rlv_megatron.train.policy import Policy
     from rlv_megatron.train.step import sft_objective
-    from rlv_megatron.verifier import SequenceBatch
+    from rlv_megatron.train.batch import SequenceBatch
 
     torch.set_num_threads(2)
     base = psutil.Process().memory_info().rss

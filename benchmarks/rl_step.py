@@ -112,9 +112,9 @@ def child_peaks_gb() -> float:
 def run_ours(args) -> dict:
     import torch
 
-    from rlv_megatron.metrics import Metrics
+    from rlv_megatron.dashboards import Metrics
     from rlv_megatron.plan import total_params
-    from rlv_megatron.policy import Policy
+    from rlv_megatron.train.policy import Policy
     from rlv_megatron.rollout.engine import make_engine
     from rlv_megatron.train.loop import rl_step
 
@@ -165,7 +165,7 @@ def run_eager(args) -> dict:
     import torch
     import transformers
 
-    from kernels.grouped_advantage import grouped_advantages
+    from rlv_megatron.algos.advantages import compute_advantages
 
     torch.set_flush_denormal(True)
     torch.set_num_threads(args.threads)
@@ -196,7 +196,7 @@ def run_eager(args) -> dict:
         answers = [p.answer for p in problems for _ in range(G)]
         rewards, _ = task.grade([fmt.decode(c.tolist()) for c in completions], answers)
         r = torch.tensor(rewards)
-        adv = grouped_advantages("grpo", r, torch.arange(len(prompts)).repeat_interleave(G), cfg.algo.adv_eps)
+        adv = compute_advantages("grpo", r, torch.arange(len(prompts)).repeat_interleave(G), cfg.algo.adv_eps)
         t2 = time.perf_counter()
         full_mask = torch.cat([mask.repeat_interleave(G, 0), torch.ones_like(completions)], 1)
         positions = (full_mask.cumsum(-1) - 1).clamp(min=0)

@@ -7,8 +7,8 @@
 
 Triton: samples are sorted by group on the host (a stable argsort), then one program per group loads its
 rewards once and writes all three estimators; a second kernel broadcasts one of them over tokens. The
-PyTorch reference (rlv_megatron.algos.advantages) defines the values; `grouped_advantages` dispatches to the
-kernel for CUDA tensors (or when asked) and to the reference otherwise.
+PyTorch reference (rlv_megatron.algos.advantages) defines the values and dispatches to this kernel for CUDA
+tensors; nothing here imports rlv_megatron.
 """
 
 from __future__ import annotations
@@ -94,14 +94,3 @@ def token_advantages_triton(adv: torch.Tensor, mask: torch.Tensor, block_t: int 
 
 def token_advantages_reference(adv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return adv.float()[:, None] * mask.to(torch.float32)
-
-
-def grouped_advantages(name: str, rewards: torch.Tensor, group_ids: torch.Tensor, eps: float = 1e-6,
-                       use_triton: bool | None = None) -> torch.Tensor:
-    """One estimator's per-sample advantages: the kernel on CUDA tensors (or use_triton=True) for the three
-    it implements, else the registered PyTorch estimator (which names an unknown one)."""
-    from rlv_megatron.algos.advantages import compute_advantages
-
-    if name in ESTIMATORS and (use_triton if use_triton is not None else rewards.is_cuda):
-        return all_advantages_triton(rewards, group_ids, eps)[ESTIMATORS.index(name)].to(rewards.dtype)
-    return compute_advantages(name, rewards, group_ids, eps)

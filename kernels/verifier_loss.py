@@ -110,11 +110,9 @@ def _acc_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def _tp_group(group):
-    if group is not None:
-        return group, dist.get_rank(group), dist.get_world_size(group)
-    from rlv_megatron.train.vocab_parallel import tp_layout
-
-    return tp_layout()
+    if group is None:
+        return None, 0, 1
+    return group, dist.get_rank(group), dist.get_world_size(group)
 
 
 def _combine(m, s, a, picked, group, world):
@@ -203,7 +201,7 @@ def fused_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
                    tp_group=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(log p(targets) [N] or [N, K], entropy [N]) of softmax(hidden @ weight^T / temperature) over the full
     vocabulary, computed `chunk` rows at a time. `weight` is this rank's vocabulary shard (rows
-    [rank * V_shard, ...), padding past `vocab` ignored); collective over the TP group (megatron's by default).
+    [rank * V_shard, ...), padding past `vocab` ignored); collective over `tp_group` (None: one rank).
     `temperature`: a number or one per row. Differentiable in hidden and weight (the caller sums dh across TP,
     as megatron's region functions do). Triton by default for CUDA tensors."""
     if torch.is_tensor(temperature) and temperature.dim() == 1:

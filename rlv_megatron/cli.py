@@ -8,13 +8,6 @@ import sys
 from dataclasses import asdict
 
 
-def _cmd_demo(args) -> int:
-    from rlv_megatron import demo
-
-    demo.run(args.out, steps=args.steps, seed=args.seed)
-    return 0
-
-
 def _cmd_inspect(args) -> int:
     from rlv_megatron.config import Config, ConfigError, validate
     from rlv_megatron.models.builder import padded_vocab_size
@@ -43,7 +36,7 @@ def _cmd_export(args) -> int:
     from pathlib import Path
 
     from rlv_megatron.config import Config
-    from rlv_megatron.policy import Policy
+    from rlv_megatron.train.policy import Policy
     from rlv_megatron.train import checkpoint
 
     ckpt = Path(args.checkpoint)
@@ -135,11 +128,6 @@ def _cmd_fetch(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rlv", description="RL^V on megatron-core + vLLM: the policy is its own verifier.")
     sub = p.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="foundation demo on CPU: Megatron policy, vLLM engine, weight sync, export")
-    d.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
-    d.add_argument("--steps", type=int, default=40, help="training steps before the sync (default: 40)")
-    d.add_argument("--seed", type=int, default=0)
-    d.set_defaults(func=_cmd_demo)
     i = sub.add_parser("inspect", help="read a Hugging Face model directory and check a parallel layout")
     i.add_argument("model", help="Hugging Face model directory (config.json)")
     i.add_argument("--tp", type=int, default=1, help="tensor parallel size")

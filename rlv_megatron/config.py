@@ -149,7 +149,8 @@ class EvalConfig:
     num_problems: int = 200  # held-out problems evaluated
     samples: int = 16  # N per problem
     temperature: float = 1.0  # sampling temperature of the evaluation pool
-    subsets: int = 100  # random k-subsets per problem for majority@k / weighted@k
+    subsets: int = 100  # random k-subsets per problem for weighted@k where C(N, k) > eval.exact_subsets
+    exact_subsets: int = 20_000  # weighted@k is exact over all C(N, k) subsets up to this many (N=16: every k)
     seed: int = 12345  # seeds of the pool's samples and of the subsets
     before_rl: bool = False  # also evaluate the warm-started model
     final: bool = True  # a run evaluates its final policy (false, and no other evaluation: no task.eval_path)

@@ -1,10 +1,15 @@
 """TensorBoard dashboards: the custom-scalars layout (throughput, RL^V quality), per-step throughput numbers,
-and GPU utilisation / memory sampled through NVML (a "no GPU" note where NVML or a GPU is missing)."""
+GPU utilisation / memory sampled through NVML (a "no GPU" note where NVML or a GPU is missing), and the
+step logger (`Metrics`: scalars, phase timers, a JSON line per step)."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import threading
+import time
+from collections import defaultdict
 
 ROLLOUT_TOKENS_PER_S = "throughput/rollout_tokens_per_s"  # generated tokens / rollout seconds (cluster)
 TRAIN_TOKENS_PER_S = "throughput/train_tokens_per_s"  # tokens trained (x ppo epochs) / train seconds (cluster)
@@ -90,6 +95,19 @@ def throughput(rollout_tokens: float, rollout_s: float, train_tokens: float, tra
     return out
 
 
+def step_throughput(values: dict, times: dict, step_s: float, params: int, epochs: int, scoring_passes: int,
+                    dp_size: int, gpus: int, peak: float | None) -> dict:
+    """The throughput scalars of one RL step from its values (this replica's token counts, rl_step's
+    throughput/* keys) and phase `times`: counts x replicas, FLOPs of the tokens computed."""
+    trained = values["throughput/trained_tokens"] * dp_size
+    scored = values["throughput/scored_tokens"] * dp_size * scoring_passes
+    return throughput(
+        rollout_tokens=values["throughput/generated_tokens"] * dp_size, rollout_s=times.get("rollout", 0.0),
+        train_tokens=values["throughput/sequence_tokens"] * dp_size * epochs, train_s=times.get("train", 0.0),
+        train_flops=model_flops(params, trained, scored), gpus=gpus, peak=peak, sync_gb=values["sync/gb"],
+        sync_s=values["sync/seconds"], step_s=step_s, step_tokens=values["throughput/rollout_tokens"] * dp_size)
+
+
 class GpuMonitor:
     """Samples utilisation and used memory of the given NVML devices in a daemon thread; read() returns
     the mean utilisation and peak memory since the previous read."""
@@ -157,3 +175,64 @@ def open_gpu_monitor(interval_s: float = 1.0) -> tuple[GpuMonitor | None, str]:
         pynvml.nvmlShutdown()
         return None, f"no GPU ({type(e).__name__}: {e})"
     return GpuMonitor(pynvml, handles, interval_s), note
+
+
+class Metrics:
+    def __init__(self, logdir: str | None, jsonl: str | None = None):
+        """TensorBoard scalars under `logdir` (with the custom-scalars layout, a "gpu" text note and gpu/*
+        samples where NVML sees a GPU); also one JSON line per log call appended to `jsonl`."""
+        self.jsonl = jsonl
+        self.writer = None
+        self.gpu, self.gpu_note = None, None
+        if logdir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(logdir)
+            self.writer.add_custom_scalars(layout())
+            self.gpu, self.gpu_note = open_gpu_monitor()
+            self.writer.add_text("gpu", self.gpu_note, 0)
+        self.times: dict[str, float] = defaultdict(float)
+        self.history: list[dict] = []
+
+    @contextlib.contextmanager
+    def timer(self, phase: str):
+        """Add the block's seconds to `phase` (phases may nest: train contains score); also a torch.profiler
+        range of that name, so a profile splits by phase."""
+        from torch.profiler import record_function
+
+        t0 = time.perf_counter()
+        try:
+            with record_function(phase):
+                yield
+        finally:
+            self.times[phase] += time.perf_counter() - t0
+
+    def histogram(self, tag: str, values: list, step: int) -> None:
+        """A TensorBoard histogram (e.g. response/length); nothing without a log directory."""
+        if self.writer is not None and values:
+            import numpy as np
+
+            self.writer.add_histogram(tag, np.asarray(values), step)
+            self.writer.flush()
+
+    def log(self, step: int, values: dict) -> dict:
+        values = {**values, **{f"time/{k}": v for k, v in self.times.items()},
+                  **(self.gpu.read() if self.gpu is not None else {})}
+        self.times.clear()
+        if self.writer is not None:
+            for k, v in values.items():
+                if v is not None:
+                    self.writer.add_scalar(k, v, step)
+            self.writer.flush()
+        self.history.append({"step": step, **values})
+        if self.jsonl is not None:
+            with open(self.jsonl, "a") as f:
+                f.write(json.dumps({"step": step, **values}) + "\n")
+        return values
+
+    def close(self) -> None:
+        if self.gpu is not None:
+            self.gpu.close()
+            self.gpu = None
+        if self.writer is not None:
+            self.writer.close()

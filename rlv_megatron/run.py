@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -68,17 +69,18 @@ def announce(cfg: Config, out: Path) -> Path | None:
 def run(cfg: Config) -> Path | None:
     """The whole run on every rank (under torchrun or Slurm, one process per rank); returns the metrics path
     on global rank 0 and None elsewhere."""
-    from rlv_megatron.evaluate import evaluate
-    from rlv_megatron.metrics import Metrics
-    from rlv_megatron.policy import Policy
-    from rlv_megatron.rollout.colocate import Placement
+    from rlv_megatron.eval.equivalence import AnswerKeys
+    from rlv_megatron.eval.sampling import evaluate
+    from rlv_megatron.dashboards import Metrics
+    from rlv_megatron.train.policy import Policy
+    from rlv_megatron.rollout.placement import Placement
     from rlv_megatron.rollout.engine import make_engine
     from rlv_megatron.tasks.chat import ChatFormat
     from rlv_megatron.tasks.registry import make_task
     from rlv_megatron.train import checkpoint
     from rlv_megatron.train.loop import run_eval, train
     from rlv_megatron.train.sft import warm_start
-    from rlv_megatron import report
+    from rlv_megatron.eval import report
 
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     # expected on CPU, and noise in a run's report: megatron's "TransformerEngine/Apex not installed"
@@ -108,8 +110,10 @@ def run(cfg: Config) -> Path | None:
         if lead:
             print(f"resuming from {resume} (RL step {start_step})", flush=True)
     elif cfg.sft.steps > 0:
-        with metrics.timer("sft"):
-            results["sft"] = warm_start(policy, task, fmt, cfg, metrics)
+        t0 = time.perf_counter()
+        results["sft"] = warm_start(policy, task, fmt, cfg, metrics)
+        # its own record: a phase timer would be logged with RL step 0's phases
+        metrics.log(cfg.sft.steps, {"sft/seconds": time.perf_counter() - t0})
     if cfg.algo.kl_beta > 0 and policy.reference is None:
         policy.freeze_reference()
     start = policy.export(out / "start", task.tokenizer, dtype=getattr(torch, cfg.model.params_dtype))  # collective
@@ -122,8 +126,8 @@ def run(cfg: Config) -> Path | None:
             return None
         final, pool = {}, []
         if cfg.eval.final:
-            with metrics.timer("eval"):
-                final, pool = evaluate(engine, fmt, task, task.eval, cfg.eval, cfg.algo.max_tokens)
+            with metrics.timer("eval"), AnswerKeys(cfg.task.grader_workers, cfg.task.grader_timeout_s) as keys:
+                final, pool = evaluate(engine, fmt, task, task.eval, cfg.eval, cfg.algo.max_tokens, keys)
             metrics.log(cfg.train.steps, {f"eval/{k}": v for k, v in final.items()})
     finally:
         if engine is not None:

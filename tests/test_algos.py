@@ -90,7 +90,7 @@ def test_verifier_loss_modes_by_hand():
 
 
 def test_yes_score_raw_or_renormalised_over_yes_and_no():
-    from rlv_megatron.verifier import yes_score
+    from rlv_megatron.train.batch import yes_score
 
     assert yes_score(0.02) == 0.02  # the paper's raw P(Yes)
     assert yes_score(0.02, 0.06) == pytest.approx(0.25)  # a two-way verifier: P(Yes | Yes or No)
@@ -99,7 +99,7 @@ def test_yes_score_raw_or_renormalised_over_yes_and_no():
 
 def test_two_way_score_equals_yes_score_of_the_softmax():
     from rlv_megatron.train.step import yes_score_from_logprobs
-    from rlv_megatron.verifier import yes_score
+    from rlv_megatron.train.batch import yes_score
 
     logits = torch.tensor([[2.0, 0.5, -1.0, 3.0], [0.0, 1.0, 4.0, -2.0]])
     lp = torch.log_softmax(logits, -1)

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 
 def _policy(model_dir, tp):
     from rlv_megatron.config import Config, ParallelConfig
-    from rlv_megatron.policy import Policy
+    from rlv_megatron.train.policy import Policy
 
     cfg = Config()
     cfg.model.path = str(model_dir)
@@ -80,7 +80,7 @@ def bf16_export_follows_training(model_dir, out):
 
     from rlv_megatron.config import Config
     from rlv_megatron.models.hf_io import export_hf
-    from rlv_megatron.policy import Policy
+    from rlv_megatron.train.policy import Policy
     from rlv_megatron.train import checkpoint
 
     cfg = Config()

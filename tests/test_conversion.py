@@ -20,9 +20,10 @@ def _import_forward_export(model_dir, tp, pp, vpp, tokens, export_dir):
     from rlv_megatron.config import ModelConfig, ParallelConfig
     from rlv_megatron.dist import init_megatron
     from rlv_megatron.models.builder import build_model, padded_vocab_size
-    from rlv_megatron.models.forward import forward_only
     from rlv_megatron.models.hf_config import load_arch
     from rlv_megatron.models.hf_io import export_hf, load_hf_weights
+    from rlv_megatron.train.packing import MicroBatch
+    from rlv_megatron.train.step import run_schedule
 
     torch.set_num_threads(1)
     arch = load_arch(model_dir)
@@ -33,7 +34,14 @@ def _import_forward_export(model_dir, tp, pp, vpp, tokens, export_dir):
         for p in c.parameters():
             torch.nn.init.normal_(p, std=3.0)
     load_hf_weights(chunks, model_dir, arch, padded_vocab_size(arch.vocab_size, 128, tp))
-    out = forward_only(chunks, [tokens[i:i + 1] for i in range(tokens.shape[0])])
+    from megatron.core import tensor_parallel
+
+    S = tokens.shape[1]
+    mbs = [MicroBatch(tokens[i:i + 1], None, torch.full((1, S), i), torch.arange(S)[None])
+           for i in range(tokens.shape[0])]
+    # the trainer's own schedule; full logits gathered over TP (build_model's head returns logits)
+    out = run_schedule(chunks, mbs, lambda head, mb: tensor_parallel.gather_from_tensor_model_parallel_region(
+        head.logits), forward_only=True, vocab=arch.vocab_size)
     export_hf(chunks, arch, export_dir, dtype=torch.float32)
     return None if out is None else torch.cat(out)[..., :arch.vocab_size]
 

@@ -42,7 +42,7 @@ def test_loop_logs_throughput_of_each_step(monkeypatch, tmp_path):
     """train() turns a step's token, byte and phase-time counts into the throughput scalars (rl_step and
     checkpointing stubbed: the wiring only)."""
     from rlv_megatron.config import Config
-    from rlv_megatron.metrics import Metrics
+    from rlv_megatron.dashboards import Metrics
     from rlv_megatron.plan import PRESETS, total_params
     from rlv_megatron.train import loop
 
@@ -122,7 +122,7 @@ def test_no_gpu_note_without_nvml(monkeypatch, tmp_path):
     nvml, _ = _fake_nvml([[0]], [[0]], fail_init=True)
     monkeypatch.setitem(sys.modules, "pynvml", nvml)
     assert d.open_gpu_monitor() == (None, "no GPU (NVMLError: NVML Shared Library Not Found)")
-    from rlv_megatron.metrics import Metrics
+    from rlv_megatron.dashboards import Metrics
 
     m = Metrics(str(tmp_path / "tb"))
     try:
@@ -135,7 +135,7 @@ def test_no_gpu_note_without_nvml(monkeypatch, tmp_path):
 def _tiny_run(logdir) -> tuple[dict, str, bool]:
     """Three steps of the scalars the loop logs (throughput through the real helpers) and one evaluation;
     returns {tag: {step: value}} as written, the Metrics' GPU note and whether it found a GPU."""
-    from rlv_megatron.metrics import Metrics
+    from rlv_megatron.dashboards import Metrics
 
     metrics = Metrics(str(logdir))
     written: dict = {}

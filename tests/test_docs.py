@@ -13,3 +13,21 @@ def test_configuration_reference_is_up_to_date():
     assert out.returncode == 0, out.stderr
     text = (ROOT / "docs" / "configuration.md").read_text()
     assert "`train.logprob_impl`" not in text and "| `logprob_impl` | `str` | `'fused'` | one of 'fused', 'logits'" in text
+
+
+def test_design_map_names_modules_that_exist():
+    """Every module docs/design.md names (a path, or a bare file name found in the package or a top-level
+    folder) exists."""
+    import re
+
+    text = (ROOT / "docs" / "design.md").read_text()
+    names = set(re.findall(r"[\w./]*\w\.py\b", text)) | {t for t in re.findall(r"`([\w./]+/)`", text)}
+    assert len(names) > 30, sorted(names)  # the map names the package module by module
+    package = ROOT / "rlv_megatron"
+
+    def found(n):
+        bare = "/" not in n and any([*package.rglob(n), *ROOT.glob(f"*/{n}")])
+        return (ROOT / n).exists() or (package / n).exists() or bare
+
+    missing = [n for n in sorted(names) if not found(n)]
+    assert not missing, f"docs/design.md names modules that do not exist: {missing}"

@@ -8,12 +8,11 @@ import re
 import subprocess
 import sys
 from fractions import Fraction
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from rlv_megatron import scaling
+from rlv_megatron.eval import scaling
 from rlv_megatron.config import ConfigError, EvalConfig
 from rlv_megatron.eval import app, sequential
 from rlv_megatron.eval.equivalence import AnswerKeys, math_key
@@ -330,7 +329,7 @@ def test_sample_pools_equal_one_sample_at_a_time():
     """Cut once per budget, graded once per distinct answer, scored once per distinct cut: the rows equal
     grading and scoring every (budget, sample) on its own."""
     from rlv_megatron.config import TaskConfig
-    from rlv_megatron.evaluate import sample_pools
+    from rlv_megatron.eval.sampling import sample_pools
     from rlv_megatron.tasks import subset_sum as ss
     from rlv_megatron.tasks.chat import ChatFormat
     from rlv_megatron.tasks.registry import make_task

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 def _save_checkpoint(run_dir):
     """A run's layout: start/ (HF directory with the tokenizer) and checkpoints/ (megatron dist checkpoint)."""
     from rlv_megatron.config import Config
-    from rlv_megatron.policy import Policy
+    from rlv_megatron.train.policy import Policy
     from rlv_megatron.run import scratch_arch
     from rlv_megatron.tasks import subset_sum
     from rlv_megatron.train import checkpoint

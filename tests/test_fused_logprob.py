@@ -132,7 +132,7 @@ def head_worker(out_dir, tied):
     """score() and one train step under train.logprob_impl=fused and =logits on the same model."""
     from rlv_megatron.config import Config
     from rlv_megatron.models.tiny import make_hf_model
-    from rlv_megatron.policy import Policy
+    from rlv_megatron.train.policy import Policy
     from rlv_megatron.train.step import rl_objective, score
     from tests.test_parallel_step import NO, YES, synthetic_batch
 

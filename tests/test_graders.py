@@ -5,7 +5,6 @@ import os
 import re
 import signal
 import time
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq

@@ -20,3 +20,14 @@ def test_kernels_under_the_triton_interpreter():
                          env={**os.environ, "TRITON_INTERPRET": "1"})
     assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-2000:]
     assert " passed" in out.stdout and "skipped" not in out.stdout, out.stdout[-2000:]
+
+
+def test_kernels_import_nothing_from_the_package():
+    """kernels/ sits below rlv_megatron: the package calls the kernels, never the reverse."""
+    import ast
+
+    for path in sorted((ROOT / "kernels").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not any(n.split(".")[0] == "rlv_megatron" for n in names), f"{path.name}:{node.lineno}"

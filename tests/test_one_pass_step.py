@@ -11,7 +11,7 @@ from tests.test_parallel_step import NO, YES, synthetic_batch
 
 def one_pass_worker(model_dir, mode, pp):
     from rlv_megatron.config import Config, ParallelConfig
-    from rlv_megatron.policy import Policy
+    from rlv_megatron.train.policy import Policy
     from rlv_megatron.train.step import rl_objective, score
 
     cfg = Config()
@@ -72,7 +72,7 @@ class _Tok:
 def test_lambda_zero_builds_no_verification_turn():
     from rlv_megatron.tasks.chat import ChatFormat
     from rlv_megatron.train.step import token_fields
-    from rlv_megatron.verifier import build_sequences
+    from rlv_megatron.train.batch import build_sequences
 
     fmt = ChatFormat(_Tok(), "Right?", yes="Y", no="N", raw=True)
     prompt = fmt.prompt_ids("1+1")

@@ -55,7 +55,7 @@ def test_dockerfile_parses_and_agrees_with_pyproject():
 
 def test_console_script_help():
     out = subprocess.run([sys.executable, "-m", "rlv_megatron.cli", "--help"], capture_output=True, text=True)
-    assert out.returncode == 0 and "demo" in out.stdout and "inspect" in out.stdout
+    assert out.returncode == 0 and "eval" in out.stdout and "inspect" in out.stdout
 
 
 def test_inspect_reports_and_refuses(tiny_models):

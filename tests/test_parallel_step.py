@@ -11,7 +11,7 @@ YES, NO = 5, 7
 
 def synthetic_batch(n=12, seed=0, vocab=1000):
     """Sequences of different lengths with a response span and a Yes/No answer at the end."""
-    from rlv_megatron.verifier import SequenceBatch
+    from rlv_megatron.train.batch import SequenceBatch
 
     g = torch.Generator().manual_seed(seed)
     lens = torch.randint(9, 30, (n,), generator=g)
@@ -32,7 +32,7 @@ def synthetic_batch(n=12, seed=0, vocab=1000):
 
 def grouped_batch(prompts=3, group=4, seed=1, vocab=1000):
     """`group` samples of each prompt (different lengths), each ending in a verification turn and answer."""
-    from rlv_megatron.verifier import SequenceBatch
+    from rlv_megatron.train.batch import SequenceBatch
 
     g = torch.Generator().manual_seed(seed)
     rand = lambda lo, hi: int(torch.randint(lo, hi, (), generator=g))  # noqa: E731
@@ -60,7 +60,7 @@ def step_worker(model_dir, tp, pp, vpp, sp, dp, pack, agg, budget=64, recompute=
     from megatron.core import parallel_state as ps
 
     from rlv_megatron.config import Config, ParallelConfig
-    from rlv_megatron.policy import Policy
+    from rlv_megatron.train.policy import Policy
     from rlv_megatron.train.step import rl_objective, score
 
     cfg = Config()
@@ -251,7 +251,7 @@ def reference_worker(model_dir, agg):
     """The micro-batched, vocab-parallel loss against the whole-batch reference formulas on full logits."""
     from rlv_megatron.algos.losses import policy_loss, verifier_loss
     from rlv_megatron.config import Config
-    from rlv_megatron.policy import Policy
+    from rlv_megatron.train.policy import Policy
     from rlv_megatron.train.heads import output_logits
     from rlv_megatron.train.step import rl_objective, score, sft_objective
 
@@ -295,7 +295,7 @@ def test_micro_batched_loss_equals_the_whole_batch_formulas(qwen, agg):
 
 def bf16_worker(model_dir, dtype):
     from rlv_megatron.config import Config
-    from rlv_megatron.policy import Policy
+    from rlv_megatron.train.policy import Policy
     from rlv_megatron.train.step import rl_objective, score
 
     cfg = Config()

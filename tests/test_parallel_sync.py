@@ -20,8 +20,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def sync_worker(model_dir, out_dir, tp, pp, rollout_tp=1):
     from rlv_megatron.config import Config, ParallelConfig
-    from rlv_megatron.policy import Policy
-    from rlv_megatron.rollout.colocate import Placement, stream_weights
+    from rlv_megatron.train.policy import Policy
+    from rlv_megatron.rollout.placement import Placement
+    from rlv_megatron.rollout.weight_stream import stream_weights
     from rlv_megatron.rollout.engine import VLLMEngine
     from rlv_megatron.train.loop import drain
     from rlv_megatron.train.step import rl_objective, score

@@ -1,6 +1,6 @@
 """A run's human-facing outputs: the scaling table, the headline line and the plot."""
 
-from rlv_megatron import report
+from rlv_megatron.eval import report
 
 FINAL = {"pass@1": 0.38, "pass@2": 0.5, "majority@1": 0.38, "majority@2": 0.41, "weighted@1": 0.38,
          "weighted@2": 0.47, "verifier_auc_within_prompt": 0.8, "num_problems": 500}

@@ -160,6 +160,12 @@ def test_a_run_that_keeps_one_checkpoint_no_exports_and_no_evaluation(tmp_path):
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_00000002"
     assert not any((tmp_path / name).exists() for name in ("start", "model", "pool.jsonl"))
     assert "reward/mean" in json.loads((tmp_path / "metrics.json").read_text())  # the training metrics
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    first = next(r for r in records if "reward/mean" in r)  # RL step 0: its own phases, not the warm start's
+    assert first["step"] == 0 and "time/sft" not in first
+    phases = sum(first[f"time/{p}"] for p in ("rollout", "reward", "train", "sync"))
+    assert phases <= first["time/step"]
+    assert [r["step"] for r in records if "sft/seconds" in r] == [2]  # logged once, after the 2 SFT steps
     assert "no final evaluation (eval.final=false)" in done.stdout
     assert "rlv:" not in done.stderr  # a fresh out_dir: nothing to announce
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)

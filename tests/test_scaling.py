@@ -8,20 +8,18 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from rlv_megatron.scaling import (
+from rlv_megatron.eval.scaling import (
     Sample,
     auc,
     best_of_k,
     calibration_error,
     evaluate,
     majority_at_k,
-    majority_at_k_exact,
     pass_at_k,
     pooled_auc,
     powers_of_two_up_to,
     verifier_accuracy,
     weighted_at_k,
-    weighted_at_k_exact,
     within_prompt_auc,
 )
 
@@ -155,68 +153,79 @@ def test_best_of_bounds():
 
 def test_vote_exact_matches_brute_force():
     rng = np.random.default_rng(3)
-    for _ in range(8):
-        pool = random_pool(rng, 8)
-        for k in range(1, 9):
-            assert majority_at_k_exact(pool, k) == pytest.approx(float(brute_vote(pool, k, False)), abs=1e-12)
-            assert weighted_at_k_exact(pool, k) == pytest.approx(float(brute_vote(pool, k, True)), abs=1e-12)
+    for n, alphabet in [(8, 4)] * 6 + [(11, 3), (12, 6), (10, 2)]:
+        pool = random_pool(rng, n, alphabet=alphabet)
+        for k in range(1, n + 1):
+            assert majority_at_k(pool, k) == pytest.approx(float(brute_vote(pool, k, False)), abs=1e-12)
+            assert weighted_at_k(pool, k) == pytest.approx(float(brute_vote(pool, k, True)), abs=1e-12)
 
 
-def test_vote_random_subsets_approach_exact():
+def test_majority_counts_exactly_beyond_enumeration():
+    """N=64, k=32: C(64, 32) ~ 1.8e18 subsets. Against closed forms: one correct answer among invalid
+    samples wins whenever it is drawn (pass@k); of two answers of 32 samples each, by symmetry each wins
+    half; of 40 against 24, the hypergeometric law."""
+    one = [Sample("a", True, 0.5)] * 3 + [Sample(None, False, 0.5)] * 61
+    assert majority_at_k(one, 32) == pytest.approx(pass_at_k(64, 3, 32), rel=1e-12)
+    halves = [Sample("a", True, 0.5)] * 32 + [Sample("b", False, 0.5)] * 32
+    assert majority_at_k(halves, 32) == pytest.approx(0.5, rel=1e-12)  # symmetric
+    skewed = [Sample("a", True, 0.5)] * 40 + [Sample("b", False, 0.5)] * 24
+    # a wins unless b is drawn more often: P(b > 16 of 32) by the hypergeometric law; ties (16-16) split
+    hyper = [math.comb(24, y) * math.comb(40, 32 - y) / math.comb(64, 32) for y in range(25)]
+    assert majority_at_k(skewed, 32) == pytest.approx(sum(hyper[:16]) + hyper[16] / 2, rel=1e-12)
+
+
+def test_weighted_falls_back_to_random_subsets_beyond_max_exact():
     rng = np.random.default_rng(4)
     pool = random_pool(rng, 10, alphabet=3)
     for k in (2, 5):
-        assert majority_at_k(pool, k, subsets=20000, rng=5) == pytest.approx(majority_at_k_exact(pool, k), abs=0.02)
-        assert weighted_at_k(pool, k, subsets=20000, rng=6) == pytest.approx(weighted_at_k_exact(pool, k), abs=0.02)
-    lik = weighted_at_k(pool, 5, subsets=20000, rng=7, key="likelihood")
-    assert lik == pytest.approx(weighted_at_k_exact(pool, 5, key="likelihood"), abs=0.02)
-
-
-def test_vote_is_deterministic_given_seed():
-    pool = random_pool(np.random.default_rng(8), 12)
-    assert majority_at_k(pool, 4, rng=11) == majority_at_k(pool, 4, rng=11)
-    assert weighted_at_k(pool, 4, rng=np.random.default_rng(11)) == weighted_at_k(pool, 4, rng=11)
+        sampled = weighted_at_k(pool, k, max_exact=0, subsets=20000, rng=6)
+        assert sampled == pytest.approx(weighted_at_k(pool, k), abs=0.02)
+        assert sampled != weighted_at_k(pool, k)  # it did sample
+    lik = weighted_at_k(pool, 5, key="likelihood", max_exact=0, subsets=20000, rng=7)
+    assert lik == pytest.approx(weighted_at_k(pool, 5, key="likelihood"), abs=0.02)
+    assert weighted_at_k(pool, 4, max_exact=0, rng=11) == weighted_at_k(pool, 4, max_exact=0,
+                                                                        rng=np.random.default_rng(11))
 
 
 def test_invalid_answers_never_vote():
     pool = [Sample(None, False, 0.99)] * 5 + [Sample("a", True, 0.2)] * 2 + [Sample("b", False, 0.1)]
-    assert majority_at_k_exact(pool, 8) == 1.0
-    assert weighted_at_k_exact(pool, 8) == 1.0
+    assert majority_at_k(pool, 8) == 1.0
+    assert weighted_at_k(pool, 8) == 1.0
     # a subset with only invalid samples scores 0; the rest pick "a" or tie a/b
-    assert majority_at_k_exact(pool, 2) == pytest.approx(float(brute_vote(pool, 2, False)))
-    assert majority_at_k_exact([Sample(None, True, 1.0)] * 4, 2) == 0.0
-    assert weighted_at_k_exact([Sample(None, True, 1.0)] * 4, 4) == 0.0
+    assert majority_at_k(pool, 2) == pytest.approx(float(brute_vote(pool, 2, False)))
+    assert majority_at_k([Sample(None, True, 1.0)] * 4, 2) == 0.0
+    assert weighted_at_k([Sample(None, True, 1.0)] * 4, 4) == 0.0
 
 
 def test_vote_ties_give_fraction_of_credit():
     # majority tie 2-2; weighted tie 0.5 vs 0.25 + 0.25
     pool = [Sample("a", True, 0.5), Sample("a", True, 0.0), Sample("b", False, 0.25), Sample("b", False, 0.25)]
-    assert majority_at_k_exact(pool, 4) == 0.5
-    assert weighted_at_k_exact(pool, 4) == 0.5
+    assert majority_at_k(pool, 4) == 0.5
+    assert weighted_at_k(pool, 4) == 0.5
     # float sums equal in exact arithmetic still tie: 0.1 + 0.2 != 0.3 in binary
     pool = [Sample("a", True, 0.1), Sample("a", True, 0.2), Sample("b", False, 0.3)]
-    assert weighted_at_k_exact(pool, 3) == pytest.approx(0.5)
+    assert weighted_at_k(pool, 3) == pytest.approx(0.5)
     # three-way tie with one correct answer
     pool = [Sample("a", True, 0.4), Sample("b", False, 0.4), Sample("c", False, 0.4)]
-    assert majority_at_k_exact(pool, 3) == pytest.approx(1 / 3)
-    assert weighted_at_k_exact(pool, 3) == pytest.approx(1 / 3)
+    assert majority_at_k(pool, 3) == pytest.approx(1 / 3)
+    assert weighted_at_k(pool, 3) == pytest.approx(1 / 3)
     # all-zero weights: the present answers tie
     pool = [Sample("a", True, 0.0), Sample("b", False, 0.0)]
-    assert weighted_at_k_exact(pool, 2) == 0.5
+    assert weighted_at_k(pool, 2) == 0.5
 
 
 def test_weighted_beats_majority_and_vice_versa():
     minority_right = [Sample("a", True, 0.9)] * 2 + [Sample("b", False, 0.1)] * 3
-    assert majority_at_k_exact(minority_right, 5) == 0.0
-    assert weighted_at_k_exact(minority_right, 5) == 1.0
+    assert majority_at_k(minority_right, 5) == 0.0
+    assert weighted_at_k(minority_right, 5) == 1.0
     majority_right = [Sample("a", True, 0.1)] * 3 + [Sample("b", False, 0.9)] * 2
-    assert majority_at_k_exact(majority_right, 5) == 1.0
-    assert weighted_at_k_exact(majority_right, 5) == 0.0
+    assert majority_at_k(majority_right, 5) == 1.0
+    assert weighted_at_k(majority_right, 5) == 0.0
 
 
 def test_inconsistent_correctness_rejected():
     with pytest.raises(ValueError, match="both correct and wrong"):
-        majority_at_k_exact([Sample("a", True, 0.5), Sample("a", False, 0.5)], 2)
+        majority_at_k([Sample("a", True, 0.5), Sample("a", False, 0.5)], 2)
 
 
 # ------------------------------------------------------------------ verifier metrics
@@ -294,23 +303,24 @@ def test_evaluate_hand_computed():
         "verifier_ece": (0.1 + 0.4 + 0.3 + 0.8 + 0.2 + 0.4 + 0.3 + 0.9) / 8,
         "num_problems": 2,
     }
-    # random-subset metrics; exact values enumerated by hand over the 6 pairs / 4 singles
-    expected_random = {
+    # the votes at k < N, enumerated by hand over the 6 pairs / 4 singles
+    expected_votes = {
         "majority@1": 0.5, "weighted@1": 0.5, "weighted_likelihood@1": 0.5,
         "majority@2": (4 / 6 + 3 / 6) / 2,  # p1: aa 1, ab .5 x2, a-inv 1 x2, b-inv 0; p2: cc 0, cd .5 x4, dd 1
         "weighted@2": (5 / 6 + 3 / 6) / 2,  # p1: only b-inv fails; p2: d(0.7) wins 2 of cd, d(0.1) loses both
         "weighted_likelihood@2": (3 / 6 + 3 / 6) / 2,  # p1: b (e^-.05) beats each single a; p2 as majority
     }
-    assert set(out) == set(expected_exact) | set(expected_random)
-    for key, val in expected_exact.items():
+    assert set(out) == set(expected_exact) | set(expected_votes)  # all exact: no _stderr keys
+    for key, val in {**expected_exact, **expected_votes}.items():
         assert out[key] == pytest.approx(val, abs=1e-12), key
-    for key, val in expected_random.items():
-        assert out[key] == pytest.approx(val, abs=0.02), key
-    assert out == evaluate(hand_pool(), [1, 2, 4], subsets=20000, seed=0)  # deterministic
-    # the same subsets back majority and weighted: with equal likelihood weights p2 votes identically
-    one = evaluate(hand_pool()[1:], [2], subsets=50, seed=3)
-    assert one["majority@2"] == one["weighted_likelihood@2"]
-    assert one["majority@2"] == majority_at_k(hand_pool()[1], 2, subsets=50, rng=3)
+    # beyond max_exact, weighted votes are sampled and come with their standard error
+    sampled = evaluate(hand_pool(), [1, 2, 4], subsets=4000, seed=0, max_exact=0)
+    assert sampled == evaluate(hand_pool(), [1, 2, 4], subsets=4000, seed=0, max_exact=0)  # deterministic
+    for key in ("weighted@2", "weighted_likelihood@2"):
+        se = sampled[f"{key}_stderr"]
+        assert 0 < se < 0.01 and abs(sampled[key] - expected_votes[key]) < 4 * se, key
+    assert sampled["weighted@4_stderr"] == 0.0  # k = N: every random subset is the whole pool
+    assert sampled["majority@2"] == out["majority@2"]  # majority is counted, never sampled
 
 
 def test_evaluate_without_logprobs_and_undefined_auc():
@@ -334,10 +344,12 @@ def test_evaluate_rejects_bad_k_and_ragged_pools():
 def test_evaluate_matches_per_problem_exact_on_random_pools():
     rng = np.random.default_rng(12)
     probs = [random_pool(rng, 6, alphabet=3) for _ in range(5)]
-    out = evaluate(probs, [1, 3, 6], subsets=20000, seed=1)
+    out = evaluate(probs, [1, 3, 6], seed=1)
     for k in (1, 3, 6):
-        assert out[f"majority@{k}"] == pytest.approx(np.mean([majority_at_k_exact(p, k) for p in probs]), abs=0.02)
-        assert out[f"weighted@{k}"] == pytest.approx(np.mean([weighted_at_k_exact(p, k) for p in probs]), abs=0.02)
+        assert out[f"majority@{k}"] == pytest.approx(np.mean([float(brute_vote(p, k, False)) for p in probs]),
+                                                     abs=1e-12)
+        assert out[f"weighted@{k}"] == pytest.approx(np.mean([float(brute_vote(p, k, True)) for p in probs]),
+                                                     abs=1e-12)
         eff = [([s.score if s.answer is not None else 0.0 for s in p], [s.correct and s.answer is not None for s in p])
                for p in probs]
         assert out[f"best_of@{k}"] == pytest.approx(np.mean([best_of_k(s, c, k) for s, c in eff]), abs=1e-12)
@@ -348,3 +360,17 @@ def test_powers_of_two_up_to():
     assert powers_of_two_up_to(1) == [1]
     assert powers_of_two_up_to(16) == [1, 2, 4, 8, 16]
     assert powers_of_two_up_to(100) == [1, 2, 4, 8, 16, 32, 64]
+
+
+def test_step_verifier_quality_is_the_pool_metrics():
+    """The training step's verifier metrics are the evaluation's, on the step's rollouts as one pool."""
+    from rlv_megatron.eval.scaling import verifier_quality
+
+    rng = np.random.default_rng(13)
+    scores, correct, groups = list(rng.random(24)), list(rng.random(24) < 0.4), [i // 6 for i in range(24)]
+    problems = [[Sample("x" if c else "y", bool(c), s) for s, c, g in zip(scores, correct, groups) if g == q]
+                for q in range(4)]
+    got = verifier_quality(scores, correct, groups)
+    assert got["verifier/auc_pooled"] == pytest.approx(pooled_auc(problems), abs=1e-12)
+    assert got["verifier/auc_within_prompt"] == pytest.approx(within_prompt_auc(problems), abs=1e-12)
+    assert got["verifier/accuracy"] == pytest.approx(verifier_accuracy(problems), abs=1e-12)

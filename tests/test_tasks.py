@@ -9,7 +9,7 @@ import torch
 
 from rlv_megatron.tasks import subset_sum as ss
 from rlv_megatron.tasks.chat import ChatFormat
-from rlv_megatron.verifier import build_sequences, verifier_selection
+from rlv_megatron.train.batch import build_sequences, verifier_selection
 
 
 @pytest.mark.parametrize("cfg", [ss.SubsetSumConfig(), ss.SubsetSumConfig(n_numbers=4, min_number=10, max_number=99, min_target=100)])

@@ -12,8 +12,8 @@ pytestmark = pytest.mark.slow
 
 def _two_steps(out_dir):
     from rlv_megatron.config import Config
-    from rlv_megatron.metrics import Metrics
-    from rlv_megatron.policy import Policy
+    from rlv_megatron.dashboards import Metrics
+    from rlv_megatron.train.policy import Policy
     from rlv_megatron.rollout.engine import make_engine
     from rlv_megatron.run import scratch_arch
     from rlv_megatron.tasks.chat import ChatFormat

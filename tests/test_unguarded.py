@@ -37,7 +37,7 @@ def test_checkpoint_save_works_from_an_unguarded_script(tmp_path):
         import sys
         from rlv_megatron.config import Config
         from rlv_megatron.models.tiny import make_hf_model
-        from rlv_megatron.policy import Policy
+        from rlv_megatron.train.policy import Policy
         from rlv_megatron.train import checkpoint
 
         print("top level runs in", __name__, flush=True)

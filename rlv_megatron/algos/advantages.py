@@ -47,8 +47,18 @@ def dr_grpo(rewards: torch.Tensor, group_ids: torch.Tensor, eps: float = 1e-6) -
     return (rewards.double() - mean).to(rewards.dtype)
 
 
-def compute_advantages(name: str, rewards: torch.Tensor, group_ids: torch.Tensor, eps: float = 1e-6):
-    return ADVANTAGES.lookup(name)(rewards, group_ids, eps)
+def compute_advantages(name: str, rewards: torch.Tensor, group_ids: torch.Tensor, eps: float = 1e-6,
+                       use_triton: bool | None = None) -> torch.Tensor:
+    """One estimator's per-sample advantages: the registered estimator (the lookup names an unknown one), or
+    kernels/grouped_advantage.py's Triton kernel, which computes these same three, for CUDA tensors (or
+    use_triton=True)."""
+    estimator = ADVANTAGES.lookup(name)
+    if use_triton if use_triton is not None else rewards.is_cuda:
+        from kernels.grouped_advantage import ESTIMATORS, all_advantages_triton
+
+        if name in ESTIMATORS:
+            return all_advantages_triton(rewards, group_ids, eps)[ESTIMATORS.index(name)].to(rewards.dtype)
+    return estimator(rewards, group_ids, eps)
 
 
 def informative_groups(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:

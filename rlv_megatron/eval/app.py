@@ -49,7 +49,7 @@ def _check_lengths(cfg: Config, fmt, problems, budget: int) -> None:
 
 def sample(cfg: Config, model: str, model_dir: str | None = None) -> dict[int, list[list[dict]]]:
     """Pools per budget (eval.budgets, default [algo.max_tokens]) from a vLLM engine on `model`."""
-    from rlv_megatron.evaluate import sample_pools
+    from rlv_megatron.eval.sampling import sample_pools
     from rlv_megatron.rollout.engine import make_engine
     from rlv_megatron.tasks.chat import ChatFormat
     from rlv_megatron.tasks.registry import make_task

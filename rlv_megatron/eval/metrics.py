@@ -7,11 +7,11 @@ import math
 
 import numpy as np
 
-from rlv_megatron import scaling
+from rlv_megatron.eval import scaling
 from rlv_megatron.config import ConfigError, EvalConfig
 from rlv_megatron.eval import sequential
 from rlv_megatron.eval.equivalence import AnswerKeys
-from rlv_megatron.report import by_k
+from rlv_megatron.eval.report import by_k
 
 
 def samples_to_reach(curve: dict[int, float], target: float) -> float | None:
@@ -62,6 +62,29 @@ def scores_info(cfg: EvalConfig) -> dict:
     return info
 
 
+def pool_metrics(pool: list[list[dict]], cfg: EvalConfig, keys: AnswerKeys, samples: list | None = None) -> dict:
+    """The metrics of one pool, for k = powers of two up to N (and eval.strategy_k): every evaluation (during
+    a run, a recipe's final one, `rlv eval`) computes them here, answers grouped by `keys`. `samples`, when
+    given, receives the pool as scaling.Samples."""
+    task = pool[0][0].get("task") or "math"  # the default of `rlv eval`
+    votes = keys.vote_keys(task, pool)
+    scored = _samples(pool, votes)
+    if samples is not None:
+        samples[:] = scored
+    n = len(pool[0])
+    k = cfg.strategy_k or n
+    if not 1 <= k <= n:
+        raise ConfigError(f"eval.strategy_k={k}: must be between 1 and the pool size N={n}")
+    ks = sorted(set(scaling.powers_of_two_up_to(n)) | {k})
+    m = scaling.evaluate(scored, ks, subsets=cfg.subsets, seed=cfg.seed, max_exact=cfg.exact_subsets,
+                         kind=cfg.score_kind, temperature=cfg.reward_temperature)
+    m["samples"] = n
+    m["mean_length"] = float(np.mean([r["length"] for rows in pool for r in rows]))
+    m["answers_per_problem"] = float(np.mean([len({r["answer"] for r in rows} - {None}) for rows in pool]))
+    m["groups_per_problem"] = float(np.mean([len(set(v) - {None}) for v in votes]))
+    return m
+
+
 def pool_report(pools: dict[int | None, list[list[dict]]], cfg: EvalConfig, keys: AnswerKeys,
                 baseline: dict[int | None, list[list[dict]]] | None = None) -> dict:
     """{"budgets": {label: metrics}, "best_strategy": {label: ...}, "adaptive": [...] (two budgets or more,
@@ -70,23 +93,10 @@ def pool_report(pools: dict[int | None, list[list[dict]]], cfg: EvalConfig, keys
     report: dict = {"budgets": {}, "best_strategy": {}, "scores": scores_info(cfg)}
     samples, lengths = {}, {}
     for budget, pool in pools.items():
-        task = pool[0][0].get("task") or "math"  # the default of `rlv eval`
-        votes = keys.vote_keys(task, pool)
-        samples[budget] = _samples(pool, votes)
+        m = pool_metrics(pool, cfg, keys, samples=samples.setdefault(budget, []))
         lengths[budget] = [[r["length"] for r in rows] for rows in pool]
-        n = len(pool[0])
-        k = cfg.strategy_k or n
-        if not 1 <= k <= n:
-            raise ConfigError(f"eval.strategy_k={k}: must be between 1 and the pool size N={n}")
-        ks = sorted(set(scaling.powers_of_two_up_to(n)) | {k})
-        m = scaling.evaluate(samples[budget], ks, subsets=cfg.subsets, seed=cfg.seed, kind=cfg.score_kind,
-                             temperature=cfg.reward_temperature)
-        m["samples"] = n
-        m["mean_length"] = float(np.mean(lengths[budget]))
-        m["answers_per_problem"] = float(np.mean([len({r["answer"] for r in rows} - {None}) for rows in pool]))
-        m["groups_per_problem"] = float(np.mean([len(set(v) - {None}) for v in votes]))
         report["budgets"][budget_label(budget)] = m
-        report["best_strategy"][budget_label(budget)] = sequential.best_strategy(m, k)
+        report["best_strategy"][budget_label(budget)] = sequential.best_strategy(m, cfg.strategy_k or m["samples"])
     numeric = {b: scaling.as_probabilities(s, cfg.score_kind) for b, s in samples.items() if b is not None}
     if len(numeric) >= 2 and cfg.score_kind != "reward":
         report["adaptive"] = sequential.adaptive(numeric, {b: lengths[b] for b in numeric}, cfg.taus)

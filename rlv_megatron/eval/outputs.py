@@ -8,7 +8,7 @@ import os
 import shutil
 from pathlib import Path
 
-from rlv_megatron import report as run_report
+from rlv_megatron.eval import report as run_report
 from rlv_megatron.atomic import atomic_write_text
 
 

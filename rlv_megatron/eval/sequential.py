@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from rlv_megatron import scaling
+from rlv_megatron.eval import scaling
 
 STRATEGIES = ("majority", "weighted", "best_of", "weighted_likelihood", "best_of_likelihood")
 

@@ -18,7 +18,7 @@ import torch
 from rlv_megatron.config import RolloutConfig, cpu_threads_bind
 from rlv_megatron.registry import Registry
 from rlv_megatron.rollout import transport
-from rlv_megatron.verifier import yes_score
+from rlv_megatron.train.batch import yes_score
 
 ENGINES = Registry("engine")  # not a config field: run.py and `rlv eval` always ask for vllm
 register_engine = ENGINES.register

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from kernels.verifier_loss import chunk_rows, fused_logprobs
-from rlv_megatron.train.vocab_parallel import entropy, target_logprobs
+from rlv_megatron.train.vocab_parallel import entropy, target_logprobs, tp_layout
 
 
 @dataclass(frozen=True)
@@ -105,7 +105,8 @@ class FusedHead:
 
     def _run(self, h, targets, temperature):
         return fused_logprobs(h, self.weight, targets, self.vocab, temperature,
-                              chunk_rows(self.weight.shape[0], self.spec.chunk_mb), self.spec.use_triton)
+                              chunk_rows(self.weight.shape[0], self.spec.chunk_mb), self.spec.use_triton,
+                              tp_layout()[0])
 
     def token_logprobs(self, targets, temperature=1.0, with_entropy=False, where=None):
         def fn(idx, t):

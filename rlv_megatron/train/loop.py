@@ -11,18 +11,19 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from kernels.grouped_advantage import grouped_advantages
 from rlv_megatron import dashboards
-from rlv_megatron.algos.advantages import informative_groups
-from rlv_megatron.rollout.colocate import Placement, dp_mean, my_share, share_from_engine, stream_weights
-from rlv_megatron.evaluate import evaluate
-from rlv_megatron.metrics import verifier_quality
+from rlv_megatron.algos.advantages import compute_advantages, informative_groups
+from rlv_megatron.rollout.placement import Placement, dp_mean, my_share, share_from_engine
+from rlv_megatron.rollout.weight_stream import stream_weights
+from rlv_megatron.eval.equivalence import AnswerKeys
+from rlv_megatron.eval.sampling import evaluate
 from rlv_megatron.plan import total_params
+from rlv_megatron.eval.scaling import verifier_quality
 from rlv_megatron.train import checkpoint
 from rlv_megatron.train.packing import computed_tokens
 from rlv_megatron.train.seeds import step_seed
 from rlv_megatron.train.step import rl_objective, score
-from rlv_megatron.verifier import SequenceBatch, build_sequences, verifier_selection
+from rlv_megatron.train.batch import SequenceBatch, build_sequences, verifier_selection
 
 
 @dataclass
@@ -51,7 +52,7 @@ def collect_rollouts(step, engine, task, fmt, cfg, metrics, place: Placement) ->
         rewards, grade_stats = task.grade(texts, [problems[i].answer for i, _ in flat])
     group_ids = torch.tensor([i for i, _ in flat])
     r = torch.tensor(rewards, dtype=torch.float32)
-    adv = grouped_advantages(a.advantage, r, group_ids, a.adv_eps)  # graded on the host: the PyTorch path
+    adv = compute_advantages(a.advantage, r, group_ids, a.adv_eps)  # graded on the host: the PyTorch path
     rng = random.Random(step_seed(cfg.train.seed, step, -2 - place.dp_rank))  # verifier example selection
     batch = build_sequences(fmt, [prompts[i] for i, _ in flat], [s.token_ids for _, s in flat], rewards,
                             adv.tolist(), verifier_selection(rewards, cfg.verifier.examples, rng),
@@ -151,16 +152,8 @@ def train(policy, engine, task, fmt, cfg, metrics, out_dir: Path, start_step: in
         values = rl_step(step, policy, engine, task, fmt, cfg, metrics, place)
         step_s = time.perf_counter() - t0
         lengths = values.pop("response/lengths")
-        tokens = values["throughput/sequence_tokens"] * place.dp_size  # replicas' means x replicas
-        computed = dashboards.model_flops(params, values["throughput/trained_tokens"] * place.dp_size,
-                                          values["throughput/scored_tokens"] * place.dp_size * scoring_passes)
-        values.update(dashboards.throughput(
-            rollout_tokens=values["throughput/generated_tokens"] * place.dp_size,
-            rollout_s=metrics.times.get("rollout", 0.0), train_tokens=tokens * cfg.algo.ppo_epochs,
-            train_s=metrics.times.get("train", 0.0), gpus=gpus, peak=peak, sync_gb=values["sync/gb"],
-            train_flops=computed,
-            sync_s=values["sync/seconds"], step_s=step_s,
-            step_tokens=values["throughput/rollout_tokens"] * place.dp_size))
+        values.update(dashboards.step_throughput(values, metrics.times, step_s, params, cfg.algo.ppo_epochs,
+                                                 scoring_passes, place.dp_size, gpus, peak))
         metrics.log(step, values)
         metrics.histogram("response/length", lengths, step)
         last = step == cfg.train.steps - 1
@@ -175,7 +168,7 @@ def train(policy, engine, task, fmt, cfg, metrics, out_dir: Path, start_step: in
 
 
 def run_eval(step, engine, task, fmt, cfg, metrics) -> dict:
-    with metrics.timer("eval"):
-        result, _ = evaluate(engine, fmt, task, task.eval, cfg.eval, cfg.algo.max_tokens)
+    with metrics.timer("eval"), AnswerKeys(cfg.task.grader_workers, cfg.task.grader_timeout_s) as keys:
+        result, _ = evaluate(engine, fmt, task, task.eval, cfg.eval, cfg.algo.max_tokens, keys)
     metrics.log(step, {f"eval/{k}": v for k, v in result.items()})
     return {"step": step, **result}

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from rlv_megatron.models.segments import Segment, encode
-from rlv_megatron.verifier import SequenceBatch
+from rlv_megatron.train.batch import SequenceBatch
 
 
 @dataclass
@@ -147,7 +147,6 @@ def micro_batches(batch: SequenceBatch, per_token: dict[str, torch.Tensor], batc
         tokens = torch.full((R, S), pad_id, dtype=torch.long)
         seq = torch.full((R, S), -1, dtype=torch.long)
         pos = torch.zeros((R, S), dtype=torch.long)
-        unit_id = torch.full((R, S), -1, dtype=torch.long)
         segments = []
         for r, row in enumerate(rows):
             at = 0

@@ -8,10 +8,10 @@ import random
 
 from tqdm import tqdm
 
-from rlv_megatron.rollout.colocate import Placement, my_share
+from rlv_megatron.rollout.placement import Placement, my_share
 from rlv_megatron.train.step import sft_objective
 from rlv_megatron.train.seeds import step_seed
-from rlv_megatron.verifier import build_sequences
+from rlv_megatron.train.batch import build_sequences
 
 
 def warm_start(policy, task, fmt, cfg, metrics=None) -> dict:

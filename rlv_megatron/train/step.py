@@ -26,7 +26,7 @@ from rlv_megatron.algos.losses import Totals, aggregation_weights, ppo_terms, ve
 from rlv_megatron.models.rope import rope_positions
 from rlv_megatron.train.heads import make_head
 from rlv_megatron.train.packing import MicroBatch, micro_batches, scatter_back
-from rlv_megatron.verifier import SequenceBatch
+from rlv_megatron.train.batch import SequenceBatch
 
 
 @dataclass

@@ -1,8 +1,7 @@
-"""Test-time scaling on held-out problems: N samples each, graded, scored by the model's own P("Yes")."""
+"""Evaluation pools: N samples of each held-out problem, graded, scored by the model's own P("Yes")."""
 
 from __future__ import annotations
 
-from rlv_megatron import scaling
 from rlv_megatron.config import EvalConfig
 from rlv_megatron.tasks.chat import ChatFormat
 
@@ -58,12 +57,10 @@ def sample_pool(engine, fmt: ChatFormat, task, problems, cfg: EvalConfig, max_to
     return sample_pools(engine, fmt, task, problems, cfg, [max_tokens])[max_tokens]
 
 
-def pool_metrics(pool: list[list[dict]], cfg: EvalConfig) -> dict[str, float]:
-    problems = [[scaling.Sample(r["answer"], r["correct"], r["score"], r["logprob_mean"]) for r in rows]
-                for rows in pool]
-    return scaling.evaluate(problems, scaling.powers_of_two_up_to(cfg.samples), subsets=cfg.subsets, seed=cfg.seed)
+def evaluate(engine, fmt, task, problems, cfg: EvalConfig, max_tokens: int, keys) -> tuple[dict, list]:
+    """A pool at `max_tokens` and its metrics (eval.metrics.pool_metrics, as `rlv eval` computes them; `keys`:
+    an eval.equivalence.AnswerKeys grouping the answers)."""
+    from rlv_megatron.eval.metrics import pool_metrics
 
-
-def evaluate(engine, fmt, task, problems, cfg: EvalConfig, max_tokens: int) -> tuple[dict, list]:
     pool = sample_pool(engine, fmt, task, problems, cfg, max_tokens)
-    return pool_metrics(pool, cfg), pool
+    return pool_metrics(pool, cfg, keys), pool

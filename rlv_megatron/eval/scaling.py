@@ -159,23 +159,57 @@ def _credit(votes: np.ndarray, present: np.ndarray, answer_correct: np.ndarray) 
     return np.where(n_tied > 0, n_right / np.maximum(n_tied, 1), 0.0)  # no valid answer: 0
 
 
-def _vote_scores(codes: np.ndarray, answer_correct: np.ndarray, weights: Sequence[np.ndarray],
-                 subsets: np.ndarray, ks: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-    """Majority and weighted vote credit, averaged over subsets, for every k in ks.
+@functools.lru_cache(maxsize=1 << 16)
+def _majority_counted(mine: int, others: tuple[int, ...], invalid: int, k: int) -> float:
+    """Sum over the k-subsets of an answer drawn `mine` times in the pool (beside answers drawn `others`
+    times and `invalid` samples that never vote) of its share of the majority: it wins a subset where it is
+    drawn x >= 1 times and every other answer at most x times, 1/(t + 1) of it when t others tie at x."""
+    total = 0.0
+    for x in range(1, min(mine, k) + 1):
+        rest = k - x
+        # ways[j][t]: j samples from the invalid ones and the others so far, t of those answers drawn x times
+        ways = np.zeros((rest + 1, len(others) + 1))
+        ways[:, 0] = [math.comb(invalid, j) for j in range(rest + 1)]
+        for m in others:
+            new = np.zeros_like(ways)
+            for y in range(min(m, x, rest) + 1):
+                c = float(math.comb(m, y))
+                if y == x:
+                    new[y:, 1:] += c * ways[:rest + 1 - y, :-1]
+                else:
+                    new[y:] += c * ways[:rest + 1 - y]
+            ways = new
+        total += math.comb(mine, x) * float(ways[rest] @ (1.0 / np.arange(1, len(others) + 2)))
+    return total
+
+
+def _majority_exact(codes: np.ndarray, answer_correct: np.ndarray, k: int) -> float:
+    """majority@k over all C(N, k) subsets, by counting (any N): the summed win shares of the correct answers."""
+    counts = np.bincount(codes[codes >= 0], minlength=answer_correct.size)
+    invalid = len(codes) - int(counts.sum())
+    wins = sum(_majority_counted(int(counts[a]), tuple(sorted(int(c) for c in np.delete(counts, a))), invalid, k)
+               for a in np.flatnonzero(answer_correct))
+    return wins / math.comb(len(codes), k)
+
+
+def _weighted_credit(codes: np.ndarray, answer_correct: np.ndarray, weights: Sequence[np.ndarray],
+                     subsets: np.ndarray, ks: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted-vote credit over subsets, for every k in ks: its mean and the mean of its square per problem.
 
     codes [P, N]; answer_correct [P, D] (padded with False); weights: list of [P, N];
-    subsets [P, S, >=max(ks)] sample indices whose first k columns form each size-k subset.
-    Returns majority [len(ks), P] and weighted [len(weights), len(ks), P].
-    Votes for k are accumulated from those for the previous k, so all ks cost one pass.
+    subsets [P or 1, S, >=max(ks)] sample indices whose first k columns form each size-k subset.
+    Returns two [len(weights), len(ks), P] arrays. Votes for k are accumulated from those for the previous
+    k, so all ks cost one pass.
     """
-    p, s = subsets.shape[:2]
+    p, s = codes.shape[0], subsets.shape[1]
+    subsets = np.broadcast_to(subsets, (p, *subsets.shape[1:]))
     d = max(answer_correct.shape[1], 1)
     cell = (np.arange(p)[:, None, None] * s + np.arange(s)[None, :, None]) * d  # flat [P, S] offsets
     pi = np.arange(p)[:, None, None]
     counts = np.zeros(p * s * d)
     sums = np.zeros((len(weights), p * s * d))
-    majority = np.empty((len(ks), p))
-    weighted = np.empty((len(weights), len(ks), p))
+    mean = np.empty((len(weights), len(ks), p))
+    square = np.empty((len(weights), len(ks), p))
     prev = 0
     for j in sorted(range(len(ks)), key=lambda j: ks[j]):
         block = subsets[:, :, prev:ks[j]]
@@ -184,13 +218,12 @@ def _vote_scores(codes: np.ndarray, answer_correct: np.ndarray, weights: Sequenc
         valid = c >= 0
         flat = (cell + c)[valid]
         counts += np.bincount(flat, minlength=p * s * d)
+        present = counts.reshape(p, s, d) > 0
         for w, wt in enumerate(weights):
             sums[w] += np.bincount(flat, weights=wt[pi, block][valid], minlength=p * s * d)
-        present = counts.reshape(p, s, d) > 0
-        majority[j] = _credit(counts.reshape(p, s, d), present, answer_correct).mean(-1)
-        for w in range(len(weights)):
-            weighted[w, j] = _credit(sums[w].reshape(p, s, d), present, answer_correct).mean(-1)
-    return majority, weighted
+            credit = _credit(sums[w].reshape(p, s, d), present, answer_correct)
+            mean[w, j], square[w, j] = credit.mean(-1), (credit ** 2).mean(-1)
+    return mean, square
 
 
 def _random_subsets(rng: np.random.Generator, p: int, subsets: int, n: int) -> np.ndarray:
@@ -198,45 +231,34 @@ def _random_subsets(rng: np.random.Generator, p: int, subsets: int, n: int) -> n
     return rng.random((p, subsets, n)).argsort(-1)
 
 
-def _one_problem(samples: Sequence[Sample], k: int, subsets: np.ndarray, key: str | None,
-                 kind: str = "probability", temperature: float = 1.0) -> float:
+@functools.lru_cache(maxsize=64)
+def _all_subsets(n: int, k: int) -> np.ndarray:
+    _check_k(k, n)
+    out = np.array(list(itertools.combinations(range(n), k)), dtype=np.int64).reshape(1, -1, k)
+    out.flags.writeable = False
+    return out
+
+
+def majority_at_k(samples: Sequence[Sample], k: int) -> float:
+    """Whether the most common valid answer of a k-subset is correct, over all C(N, k) subsets (exact)."""
+    _check_k(k, len(samples))
+    return _majority_exact(*_encode(samples), k)
+
+
+def weighted_at_k(samples: Sequence[Sample], k: int, key: str = "score", kind: str = "probability",
+                  temperature: float = 1.0, max_exact: int = 20_000, subsets: int = 1_000,
+                  rng: np.random.Generator | int | None = None) -> float:
+    """Like majority_at_k, but each answer's vote is the sum of its weights (score, or exp(logprob_mean)):
+    exact over all C(N, k) subsets up to `max_exact` of them, else the mean over `subsets` random ones."""
     _check_k(k, len(samples))
     _check_kind(kind, temperature)
     codes, answer_correct = _encode(samples)
-    weights = [] if key is None else [_weights(samples, key, kind, temperature)[None]]
-    maj, wtd = _vote_scores(codes[None], answer_correct[None], weights, subsets[None], [k])
-    return float(maj[0, 0] if key is None else wtd[0, 0, 0])
-
-
-def majority_at_k(samples: Sequence[Sample], k: int, subsets: int = 100,
-                  rng: np.random.Generator | int | None = None) -> float:
-    """Mean over `subsets` random k-subsets of whether the most common valid answer is correct."""
-    idx = _random_subsets(np.random.default_rng(rng), 1, subsets, len(samples))[0]
-    return _one_problem(samples, k, idx, None)
-
-
-def weighted_at_k(samples: Sequence[Sample], k: int, subsets: int = 100,
-                  rng: np.random.Generator | int | None = None, key: str = "score", kind: str = "probability",
-                  temperature: float = 1.0) -> float:
-    """Like majority_at_k, but each answer's vote is the sum of its weights (score, or exp(logprob_mean))."""
-    idx = _random_subsets(np.random.default_rng(rng), 1, subsets, len(samples))[0]
-    return _one_problem(samples, k, idx, key, kind, temperature)
-
-
-def _all_subsets(n: int, k: int) -> np.ndarray:
-    _check_k(k, n)
-    return np.array(list(itertools.combinations(range(n), k)), dtype=np.int64).reshape(-1, k)
-
-
-def majority_at_k_exact(samples: Sequence[Sample], k: int) -> float:
-    """majority@k averaged over all C(N, k) subsets (small N only): what majority_at_k estimates."""
-    return _one_problem(samples, k, _all_subsets(len(samples), k), None)
-
-
-def weighted_at_k_exact(samples: Sequence[Sample], k: int, key: str = "score", kind: str = "probability",
-                        temperature: float = 1.0) -> float:
-    """weighted@k averaged over all C(N, k) subsets (small N only): what weighted_at_k estimates."""
-    return _one_problem(samples, k, _all_subsets(len(samples), k), key, kind, temperature)
+    exact = math.comb(len(samples), k) <= max_exact
+    idx = _all_subsets(len(samples), k) if exact else \
+        _random_subsets(np.random.default_rng(rng), 1, subsets, len(samples))
+    mean, _ = _weighted_credit(codes[None], answer_correct[None], [_weights(samples, key, kind, temperature)[None]],
+                               idx, [k])
+    return float(mean[0, 0, 0])
 
 
 # ---------------------------------------------------------------------------------------------- verifier
@@ -285,6 +307,20 @@ def _pooled(problems: Sequence[Sequence[Sample]]) -> tuple[np.ndarray, np.ndarra
     return _raw_scores(flat), _labels(flat)
 
 
+def verifier_quality(scores: Sequence[float], correct: Sequence[bool], group_ids: Sequence[int]) -> dict:
+    """A training step's verifier on its rollouts: accuracy at 0.5, pooled AUC, and AUC within a prompt
+    (mean over prompts with both classes), as step metrics."""
+    groups: dict = {}
+    for s, c, g in zip(scores, correct, group_ids):
+        groups.setdefault(g, ([], []))
+        groups[g][0].append(s)
+        groups[g][1].append(c)
+    within = [a for s, c in groups.values() if (a := auc(s, c)) is not None]
+    return {"verifier/accuracy": sum((s >= 0.5) == c for s, c in zip(scores, correct)) / max(len(scores), 1),
+            "verifier/auc_pooled": auc(scores, correct),
+            "verifier/auc_within_prompt": float(np.mean(within)) if within else None}
+
+
 def verifier_accuracy(problems: Sequence[Sequence[Sample]], threshold: float = 0.5) -> float:
     """Fraction of samples where (score >= threshold) matches correctness, pooled over samples."""
     s, y = _pooled(problems)
@@ -311,13 +347,16 @@ def as_probabilities(problems: Sequence[Sequence[Sample]], kind: str) -> list[li
 
 
 def evaluate(problems: Sequence[Sequence[Sample]], ks: Sequence[int], subsets: int = 100,
-             seed: int = 0, kind: str = "probability", temperature: float = 1.0) -> dict[str, float | None]:
+             seed: int = 0, kind: str = "probability", temperature: float = 1.0,
+             max_exact: int = 20_000) -> dict[str, float | None]:
     """All scaling metrics, each a mean over problems; every problem must have the same pool size N.
 
     Keys: pass@k, majority@k, weighted@k, best_of@k for each k; weighted_likelihood@k and
     best_of_likelihood@k when every sample has logprob_mean; verifier_auc_within_prompt,
     verifier_auc_pooled (NaN when undefined), verifier_accuracy, verifier_ece (None for kind "reward"),
-    num_problems. Majority and weighted votes of one problem share the same random subsets.
+    num_problems. pass@k, best_of@k and majority@k are exact; weighted@k too where C(N, k) <= max_exact,
+    else a Monte Carlo mean over `subsets` random k-subsets, with `weighted@k_stderr` (and
+    `weighted_likelihood@k_stderr`) in the output.
     `kind`: what `score` is (SCORE_KINDS); `temperature`: T of the reward softmax.
     """
     if not problems:
@@ -344,30 +383,42 @@ def evaluate(problems: Sequence[Sequence[Sample]], ks: Sequence[int], subsets: i
             lp = np.array([s.logprob_mean for s in p], dtype=np.float64)
             rank_correct["likelihood"] += _tie_averaged(np.where(valid, lp, -np.inf), labels)
 
-    # Votes: problems in chunks, subsets drawn from one generator in problem order.
-    rng = np.random.default_rng(seed)
-    majority = np.zeros(len(ks))
+    # Votes. majority@k: exact, by counting. weighted@k: exact over all C(N, k) subsets where there are at
+    # most `max_exact`, else the mean over `subsets` random ones (drawn from one generator in problem order,
+    # the same for every such k), reported with its standard error.
+    encoded = [_encode(p) for p in problems]
+    weights_of = [[_weights(p, key, kind, temperature) for p in problems] for key in keys]
+    majority = [float(np.mean([_majority_exact(c, ac, k) for c, ac in encoded])) for k in ks]
     weighted = np.zeros((len(keys), len(ks)))
-    chunk = max(1, _CHUNK_ELEMS // (subsets * n))
-    for start in range(0, len(problems), chunk):
-        part = problems[start:start + chunk]
-        encoded = [_encode(p) for p in part]
-        d = max(1, max(ac.size for _, ac in encoded))
-        codes = np.stack([c for c, _ in encoded])
-        answer_correct = np.zeros((len(part), d), dtype=bool)
-        for i, (_, ac) in enumerate(encoded):
-            answer_correct[i, :ac.size] = ac
-        weights = [np.stack([_weights(p, key, kind, temperature) for p in part]) for key in keys]
-        idx = _random_subsets(rng, len(part), subsets, n)
-        maj, wtd = _vote_scores(codes, answer_correct, weights, idx, ks)
-        majority += maj.sum(-1)
-        weighted += wtd.sum(-1)
+    stderr = {}
+    exact = [j for j, k in enumerate(ks) if math.comb(n, k) <= max_exact]
+    sampled = [j for j in range(len(ks)) if j not in exact]
+    rng = np.random.default_rng(seed)
+    for js, count in [([j], math.comb(n, ks[j])) for j in exact] + ([(sampled, subsets)] if sampled else []):
+        variance = np.zeros((len(keys), len(js)))
+        chunk = max(1, _CHUNK_ELEMS // (count * n))
+        for start in range(0, len(problems), chunk):
+            part = slice(start, start + chunk)
+            d = max(1, max(ac.size for _, ac in encoded[part]))
+            codes = np.stack([c for c, _ in encoded[part]])
+            answer_correct = np.zeros((len(codes), d), dtype=bool)
+            for i, (_, ac) in enumerate(encoded[part]):
+                answer_correct[i, :ac.size] = ac
+            idx = _all_subsets(n, ks[js[0]]) if js[0] in exact else _random_subsets(rng, len(codes), subsets, n)
+            mean, square = _weighted_credit(codes, answer_correct, [np.stack(w[part]) for w in weights_of], idx,
+                                            [ks[j] for j in js])
+            weighted[:, js] += mean.sum(-1)
+            variance += (square - mean ** 2).sum(-1) * count / max(count - 1, 1)  # per problem, unbiased
+        if js[0] not in exact:
+            for w, key in enumerate(["weighted", "weighted_likelihood"][:len(keys)]):
+                for jj, j in enumerate(js):
+                    stderr[f"{key}@{ks[j]}_stderr"] = float(math.sqrt(variance[w, jj] / count) / len(problems))
 
     m = len(problems)
     out: dict[str, float | None] = {}
     for j, k in enumerate(ks):
         out[f"pass@{k}"] = float(np.mean([pass_at_k(n, c, k) for c in num_correct]))
-        out[f"majority@{k}"] = float(majority[j] / m)
+        out[f"majority@{k}"] = majority[j]
         out[f"weighted@{k}"] = float(weighted[0, j] / m)
         out[f"best_of@{k}"] = float(rank_correct["score"] @ _top_weights(n, k) / m)
         if likelihood:
@@ -380,4 +431,5 @@ def evaluate(problems: Sequence[Sequence[Sample]], ks: Sequence[int], subsets: i
     out["verifier_accuracy"] = None if probs is None else verifier_accuracy(probs)
     out["verifier_ece"] = None if probs is None else calibration_error(probs)
     out["num_problems"] = m
+    out.update(stderr)
     return out

@@ -16,7 +16,7 @@ from rlv_megatron.models.hf_io import export_hf, load_hf_weights
 from rlv_megatron.train.heads import FusedSpec, emit_hidden_states
 from rlv_megatron.train.packing import micro_batches
 from rlv_megatron.train.step import Groups, Objective, batch_layout, reduce_stats, run_schedule
-from rlv_megatron.verifier import SequenceBatch
+from rlv_megatron.train.batch import SequenceBatch
 
 
 def cpu_threads(setting: int) -> int:

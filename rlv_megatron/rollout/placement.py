@@ -1,21 +1,16 @@
-"""Where the engines live in a parallel run, and how data and weights move between them and the trainer.
+"""Where the engines live in a parallel run, and how rollouts reach the trainer's ranks.
 
 One engine per data-parallel replica, owned by the replica's first rank (TP rank 0 of pipeline stage 0).
 It generates and grades that replica's share of the step's prompts, then hands the training batch to the
-replica's other ranks. Weight sync gathers TP shards inside each stage (all ranks of the stage take part)
-and streams each later stage's tensors to the engine rank point-to-point, one tensor at a time, so no rank
-ever holds more than one full tensor beyond its own shard.
+replica's other ranks; rollout statistics are averaged over the replicas.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 import torch.distributed as dist
-
-_END = "__end_of_stage__"
 
 
 @dataclass(frozen=True)
@@ -61,49 +56,6 @@ def share_from_engine(obj, place: Placement):
     box = [obj]
     dist.broadcast_object_list(box, src=place.engine_rank, group=ps.get_model_parallel_group())
     return box[0]
-
-
-def stream_weights(policy, place: Placement) -> Iterator[tuple[str, torch.Tensor]]:
-    """HF-named full tensors of the whole model, in stage order, yielded on the engine rank. Every rank must
-    exhaust it (it drives the TP gathers and pipeline sends); other ranks get nothing."""
-    for stage in range(place.pp_size):
-        if stage == place.pp_rank:
-            for name, t in policy.hf_tensors():  # TP all-gather within this stage
-                if place.owns_engine:
-                    yield name, t
-                elif place.tp_rank == 0:
-                    _send(name, t, place.engine_rank)
-            if place.tp_rank == 0 and not place.owns_engine:
-                _send(_END, None, place.engine_rank)
-        elif place.owns_engine:
-            src = _stage_rank(stage)
-            while (item := _recv(src)) is not None:
-                yield item
-
-
-def _stage_rank(stage: int) -> int:
-    """Global rank of TP rank 0 of `stage` in the caller's pipeline."""
-    from megatron.core import parallel_state as ps
-
-    return dist.get_process_group_ranks(ps.get_pipeline_model_parallel_group())[stage]
-
-
-def _send(name: str, t: torch.Tensor | None, dst: int) -> None:
-    header = [name, None if t is None else (tuple(t.shape), t.dtype)]
-    dist.send_object_list(header, dst=dst)
-    if t is not None:
-        dist.send(t.contiguous(), dst=dst)
-
-
-def _recv(src: int):
-    header = [None, None]
-    dist.recv_object_list(header, src=src)
-    name, meta = header
-    if name == _END:
-        return None
-    t = torch.empty(meta[0], dtype=meta[1])
-    dist.recv(t, src=src)
-    return name, t
 
 
 def dp_mean(values: dict, place: Placement) -> dict:
