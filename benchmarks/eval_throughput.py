@@ -22,7 +22,7 @@ from rlv_megatron.eval import scaling  # noqa: E402
 from rlv_megatron.config import EvalConfig  # noqa: E402
 from rlv_megatron.eval.equivalence import AnswerKeys  # noqa: E402
 from rlv_megatron.eval.metrics import pool_report  # noqa: E402
-from rlv_megatron.evaluate import grade_by_answer  # noqa: E402
+from rlv_megatron.eval.sampling import grade_by_answer  # noqa: E402
 from rlv_megatron.tasks.graders import GraderPool, extract_boxed, grade_math  # noqa: E402
 from rlv_megatron.tasks.math_data import load_math, read_rows  # noqa: E402
 

@@ -58,10 +58,10 @@ def test_vote_keys_group_and_cache(keys, tmp_path):
     assert keys.vote_keys("math", pool)[0] == votes and keys.stats["computed"] == computed  # cached
     # strings alone: 7 and 7.0 would split, and the correct answer's three forms would not add up
     samples = [scaling.Sample(v, r["correct"], r["score"]) for r, v in zip(pool[0], votes)]
-    assert scaling.majority_at_k_exact(samples, 8) == 1.0  # 3 correct vs 2 + 2 wrong
-    assert scaling.weighted_at_k_exact(samples, 8) == 0.0  # 1.5 vs 1.8: the verifier prefers 7
+    assert scaling.majority_at_k(samples, 8) == 1.0  # 3 correct vs 2 + 2 wrong
+    assert scaling.weighted_at_k(samples, 8) == 0.0  # 1.5 vs 1.8: the verifier prefers 7
     as_strings = [scaling.Sample(r["answer"], r["correct"], r["score"]) for r in pool[0]]
-    assert scaling.majority_at_k_exact(as_strings, 8) == pytest.approx(3 / 7)  # 7 singletons tie, 3 correct
+    assert scaling.majority_at_k(as_strings, 8) == pytest.approx(3 / 7)  # 7 singletons tie, 3 correct
     # other tasks key on the string; the disk cache comes back
     assert keys.vote_keys("gsm8k", [[row("p", "7", False, 0.1)]])[0] == [("wrong", "7")]
     with AnswerKeys(workers=1, cache_path=tmp_path / "keys.json") as disk:
@@ -113,7 +113,7 @@ def test_whole_pool_vote_matches_brute_force_and_weighted_at_n():
         credit, conf = sequential.vote(pool)
         want_credit, want_conf = brute_vote(pool)
         assert credit == pytest.approx(float(want_credit)) and conf == pytest.approx(float(want_conf))
-        assert credit == pytest.approx(scaling.weighted_at_k_exact(pool, 6))
+        assert credit == pytest.approx(scaling.weighted_at_k(pool, 6))
 
 
 def test_adaptive_matches_a_per_problem_loop():
@@ -159,7 +159,7 @@ def test_efficiency_against_brute_force_majority_curve():
     rng = np.random.default_rng(2)
     for _ in range(10):
         base = random_pool(rng, 8, alphabet=4)
-        curve = {k: scaling.majority_at_k_exact(base, k) for k in (1, 2, 4, 8)}
+        curve = {k: scaling.majority_at_k(base, k) for k in (1, 2, 4, 8)}
         weighted = {k: curve[k] + d for k, d in zip((1, 2, 4, 8), rng.uniform(-0.1, 0.2, 4))}
         eff = efficiency({f"weighted@{k}": v for k, v in weighted.items()},
                          {f"majority@{k}": v for k, v in curve.items()})
@@ -434,7 +434,7 @@ def test_reward_best_of_and_weighted_match_brute_force():
         for k in (1, 2, 4, 7):
             best, weighted = brute_force(pool, k, temperature)
             assert m[f"best_of@{k}"] == pytest.approx(best)
-            exact = scaling.weighted_at_k_exact(pool, k, kind="reward", temperature=temperature)
+            exact = scaling.weighted_at_k(pool, k, kind="reward", temperature=temperature)
             assert exact == pytest.approx(weighted)
         assert m["weighted@7"] == pytest.approx(brute_force(pool, 7, temperature)[1])  # one subset: the pool
         assert m["verifier_ece"] is None and m["verifier_accuracy"] is None
@@ -451,14 +451,14 @@ def test_reward_weights_are_shift_invariant_and_span_best_of_to_majority():
         pool = [dataclasses.replace(s, score=1.5 * float(r) - 4.0) for s, r in zip(reward_pool(rng), ranks)]
         shifted = [dataclasses.replace(s, score=s.score + 5000.0) for s in pool]  # exp(5000) would overflow
         for k in (2, 4, 7):
-            w = scaling.weighted_at_k_exact(pool, k, kind="reward", temperature=1.0)
+            w = scaling.weighted_at_k(pool, k, kind="reward", temperature=1.0)
             assert w == pytest.approx(brute_force(pool, k, 1.0)[1])
-            assert scaling.weighted_at_k_exact(shifted, k, kind="reward", temperature=1.0) == pytest.approx(w)
+            assert scaling.weighted_at_k(shifted, k, kind="reward", temperature=1.0) == pytest.approx(w)
             # T -> 0: the answer of the top reward wins (best-of); T -> inf: every weight 1 (majority)
-            cold = scaling.weighted_at_k_exact(pool, k, kind="reward", temperature=0.05)
+            cold = scaling.weighted_at_k(pool, k, kind="reward", temperature=0.05)
             assert cold == pytest.approx(brute_force(pool, k, 1.0)[0])
-            hot = scaling.weighted_at_k_exact(pool, k, kind="reward", temperature=1e12)
-            assert hot == pytest.approx(scaling.majority_at_k_exact(pool, k))
+            hot = scaling.weighted_at_k(pool, k, kind="reward", temperature=1e12)
+            assert hot == pytest.approx(scaling.majority_at_k(pool, k))
 
 
 def test_cli_reward_pool_evaluates_with_the_declared_kind_and_refusals_leave_no_out(tmp_path):
