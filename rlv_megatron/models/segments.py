@@ -67,7 +67,7 @@ def decode(layout: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor, torch
         q = layout[at:at + n * lq].view(n, lq)
         k = layout[at + n * lq:at + n * (lq + lk)].view(n, lk)
         at += n * (lq + lk)
-        j, a = torch.arange(lk), torch.arange(lq)
+        j, a = torch.arange(lk, device=layout.device), torch.arange(lq, device=layout.device)
         own = j[None, None, :] - plen[:, None, None]  # a key's index within the segment (< 0: prefix)
         allowed = (k[:, None, :] >= 0) & (own <= a[None, :, None]) & (q[:, :, None] >= 0)
         allowed[:, :, 0] |= q < 0
@@ -78,7 +78,7 @@ def decode(layout: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor, torch
 def dense_mask(layout: torch.Tensor, rows: int, seq_len: int) -> torch.Tensor:
     """megatron's [R, 1, S, S] boolean mask (True = masked) with the layout's attention; a padding token sees
     itself."""
-    allowed = torch.eye(seq_len, dtype=torch.bool).repeat(rows, 1, 1)
+    allowed = torch.eye(seq_len, dtype=torch.bool, device=layout.device).repeat(rows, 1, 1)
     for q, k, ok in decode(layout):
         n, i, j = ok.nonzero(as_tuple=True)
         qi, ki = q[n, i], k[n, j]
