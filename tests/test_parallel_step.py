@@ -321,7 +321,7 @@ def test_bf16_training_follows_fp32(qwen):
 
 def test_packing_under_transformer_engine_is_refused(monkeypatch, tmp_path):
     """TE's attention is built causal and would ignore the block-diagonal mask of packed rows."""
-    from rlv_megatron import policy as policy_mod
+    from rlv_megatron.train import policy as policy_mod
     from rlv_megatron.config import Config, ConfigError
     from rlv_megatron.models.tiny import make_hf_model
 
