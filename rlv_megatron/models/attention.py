@@ -3,8 +3,8 @@
 megatron's DotProductAttention materialises the [b, heads, s, s] scores and probabilities, keeps both for the
 backward and forks the RNG tracker in every layer; SDPA's fused kernels keep neither (a per-row logsumexp
 instead), so attention memory is linear in the row, not quadratic. Same maths: a causal mask without an
-attention mask (one sequence per row); rows of several sequences come with a `models.segments` layout and
-are computed per segment.
+attention mask (one sequence per row), megatron's boolean mask (packed rows), or a `models.segments`
+layout, computed per segment (a shared prompt's samples).
 """
 
 from __future__ import annotations
@@ -25,10 +25,13 @@ class SDPAttention(DotProductAttention):
         groups = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
         if groups > 1:  # GQA: repeat K/V heads (as the parent does)
             key, value = key.repeat_interleave(groups, dim=2), value.repeat_interleave(groups, dim=2)
-        if attention_mask is not None:
+        if is_layout(attention_mask):
             return segment_attention(query, key, value, attention_mask, self.softmax_scale)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [s, b, n, h] -> [b, n, s, h]
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
+        if attention_mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
+        else:  # megatron's boolean mask, True = masked
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=~attention_mask, scale=self.softmax_scale)
         s, b = out.shape[2], out.shape[0]
         return out.permute(2, 0, 1, 3).reshape(s, b, -1)  # [s, b, n * h]
 

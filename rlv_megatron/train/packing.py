@@ -1,6 +1,6 @@
 """Micro-batches by a token budget: sequences packed end to end into rows (little padding waste), each
-attending only to itself (one segment of `models.segments`' layout each), or, unpacked, one right-padded
-sequence per row (megatron's causal mask).
+attending only to itself (a block-diagonal mask, built from the rows' `models.segments` layout), or,
+unpacked, one right-padded sequence per row (megatron's causal mask).
 
 RoPE depends only on the distance between two tokens of a sequence, so a sequence packed at an offset gets
 the same attention as at position 0: packed and unpacked losses agree to rounding (tested).
@@ -21,14 +21,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rlv_megatron.models.segments import Segment, encode
+from rlv_megatron.models.segments import Segment, dense_mask, encode
 from rlv_megatron.train.batch import SequenceBatch
 
 
 @dataclass
 class MicroBatch:
     tokens: torch.Tensor  # [R, S] inputs
-    attention_mask: torch.Tensor | None  # models.segments' layout (rows of several sequences); None: causal
+    # [R, 1, S, S] bool, True = masked (packed rows); models.segments' layout (shared prompts); None: causal
+    attention_mask: torch.Tensor | None
     seq: torch.Tensor  # [R, S] sequence index in the SequenceBatch, -1 on padding (shared tokens: the first's)
     pos: torch.Tensor  # [R, S] target index within that sequence (= the input's position)
     fields: dict[str, torch.Tensor] = field(default_factory=dict)  # per-token values, [R, S], 0 on padding
@@ -165,8 +166,11 @@ def micro_batches(batch: SequenceBatch, per_token: dict[str, torch.Tensor], batc
         si, pi = seq.clamp(min=0), pos
         fields = {k: torch.where(valid, v[si, pi], torch.zeros((), dtype=v.dtype)) for k, v in per_token.items()}
         shares = any(s.prefix_end for s in segments)
-        # one sequence per row, right-padded: megatron's own causal mask is exact
-        mask = encode(segments, R) if shares or batching.pack else None
+        # one sequence per row, right-padded: megatron's own causal mask is exact. Packed rows of short
+        # sequences run faster under one dense mask than gathered per segment (64 segments of 30 tokens:
+        # 101 vs 295 ms per layer forward + backward); shared prompts per segment (8.8 -> 3.6 s a step)
+        layout = encode(segments, R) if shares or batching.pack else None
+        mask = layout if shares or layout is None else dense_mask(layout, R, S)
         out.append(MicroBatch(tokens, mask, seq, pos, fields, shares))
     return out
 
