@@ -181,22 +181,8 @@ def test_vocab_parallel_logprobs_equal_log_softmax():
     assert torch.autograd.gradcheck(lambda z: target_logprobs(z, targets, vocab), (logits,))
 
 
-def block_causal_mask(seq: torch.Tensor, unit: torch.Tensor | None = None, shared: torch.Tensor | None = None
-                      ) -> torch.Tensor:
-    """[R, S] sequence ids (-1 = padding) -> [R, 1, S, S] True where attention is masked. Each token sees
-    the earlier tokens of its own sequence (padding sees itself, so no softmax row is empty); with `unit`
-    ids and `shared` flags, also the earlier shared tokens of its unit."""
-    S = seq.shape[-1]
-    unit = seq if unit is None else unit
-    same = (seq[:, :, None] == seq[:, None, :]) & (seq[:, :, None] >= 0)
-    if shared is not None:
-        same = (same & ~shared[:, :, None] | shared[:, None, :]) & (unit[:, :, None] == unit[:, None, :])
-    allowed = (same & torch.ones(S, S, dtype=torch.bool).tril()) | torch.eye(S, dtype=torch.bool)
-    return ~allowed[:, None]
-
-
 def test_block_causal_mask_and_row_plan():
-    from rlv_megatron.train.packing import plan_rows
+    from rlv_megatron.train.packing import block_causal_mask, plan_rows
 
     m = block_causal_mask(torch.tensor([[0, 0, 1, 1, 1, -1]]))
     assert m.shape == (1, 1, 6, 6)

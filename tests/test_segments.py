@@ -1,5 +1,5 @@
-"""The segment layout's attention against the dense block mask it replaces (tests/test_parallel_step's
-block_causal_mask, the formula the packed and shared-prompt steps were first proven with)."""
+"""The segment layout's attention against the dense block mask (train.packing.block_causal_mask, built
+from per-token sequence and unit ids: an independent construction; packed rows still use it)."""
 
 import random
 
@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from rlv_megatron.models.segments import Segment, dense_mask, encode, segment_attention
-from tests.test_parallel_step import block_causal_mask
+from rlv_megatron.train.packing import block_causal_mask
 
 
 def random_rows(rng: random.Random, rows: int, seq_len: int):

@@ -1,6 +1,6 @@
 """Micro-batches by a token budget: sequences packed end to end into rows (little padding waste), each
-attending only to itself (a block-diagonal mask, built from the rows' `models.segments` layout), or,
-unpacked, one right-padded sequence per row (megatron's causal mask).
+attending only to itself (a block-diagonal mask), or, unpacked, one right-padded sequence per row
+(megatron's causal mask).
 
 RoPE depends only on the distance between two tokens of a sequence, so a sequence packed at an offset gets
 the same attention as at position 0: packed and unpacked losses agree to rounding (tested).
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rlv_megatron.models.segments import Segment, dense_mask, encode
+from rlv_megatron.models.segments import Segment, encode
 from rlv_megatron.train.batch import SequenceBatch
 
 
@@ -125,6 +125,20 @@ def plan_rows(lens: list[int], budget: int, pack: bool, row_tokens: int = 0, min
     return plan + [[] for _ in range(n_mb - len(plan))]
 
 
+def block_causal_mask(seq: torch.Tensor, unit: torch.Tensor | None = None, shared: torch.Tensor | None = None
+                      ) -> torch.Tensor:
+    """[R, S] sequence ids (-1 = padding) -> [R, 1, S, S] True where attention is masked. Each token sees
+    the earlier tokens of its own sequence (padding sees itself, so no softmax row is empty); with `unit`
+    ids and `shared` flags, also the earlier shared tokens of its unit."""
+    S = seq.shape[-1]
+    unit = seq if unit is None else unit
+    same = (seq[:, :, None] == seq[:, None, :]) & (seq[:, :, None] >= 0)
+    if shared is not None:
+        same = (same & ~shared[:, :, None] | shared[:, None, :]) & (unit[:, :, None] == unit[:, None, :])
+    allowed = (same & torch.ones(S, S, dtype=torch.bool).tril()) | torch.eye(S, dtype=torch.bool)
+    return ~allowed[:, None]
+
+
 def micro_batches(batch: SequenceBatch, per_token: dict[str, torch.Tensor], batching, multiple_of: int = 1,
                   pad_id: int = 0, min_count: int = 1) -> list[MicroBatch]:
     """Split `batch` by `plan_rows` under `batching` (train.micro_batch_tokens, train.pack,
@@ -169,8 +183,7 @@ def micro_batches(batch: SequenceBatch, per_token: dict[str, torch.Tensor], batc
         # one sequence per row, right-padded: megatron's own causal mask is exact. Packed rows of short
         # sequences run faster under one dense mask than gathered per segment (64 segments of 30 tokens:
         # 101 vs 295 ms per layer forward + backward); shared prompts per segment (8.8 -> 3.6 s a step)
-        layout = encode(segments, R) if shares or batching.pack else None
-        mask = layout if shares or layout is None else dense_mask(layout, R, S)
+        mask = encode(segments, R) if shares else block_causal_mask(seq) if batching.pack else None
         out.append(MicroBatch(tokens, mask, seq, pos, fields, shares))
     return out
 
