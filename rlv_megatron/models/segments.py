@@ -1,7 +1,8 @@
 """Attention over the segments of a row, without a dense [S, S] mask.
 
-A row of a micro-batch can hold several sequences (train.pack) or a shared prompt and the samples after it
-(train.share_prompts). Each run of a row's tokens that belongs to one sequence is a segment: its tokens attend
+A row of a micro-batch can hold a shared prompt and the samples after it (train.share_prompts; packed rows
+of many short sequences use train.packing's block mask, faster there). Each run of a row's tokens that
+belongs to one sequence is a segment: its tokens attend
 causally within it and to all of an optional prefix run (its unit's shared prompt). Computed per segment,
 attention costs sum(segment x (prefix + segment)) instead of S x S and needs no [S, S] mask: segments of
 about the same length (a power-of-two bucket) are gathered into [N, Lq] queries and [N, Lk] keys, one SDPA
