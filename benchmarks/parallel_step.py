@@ -33,7 +33,7 @@ def worker(tp: int, steps: int) -> None:
                      max_position_embeddings=1024, qkv_bias=True, tie_word_embeddings=False)
     cfg = Config()
     cfg.parallel.tp = tp
-    cfg.train.micro_batch_tokens, cfg.train.pack_row_tokens = 4096, 256
+    cfg.train.micro_batch_tokens = 4096
     policy = Policy(cfg, arch)
     n, L = 64, 96  # the global batch: 64 rollouts of 96 tokens
     g = torch.Generator().manual_seed(0)

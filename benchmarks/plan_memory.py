@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# (hidden, layers, heads, kv heads, ffn, vocab, micro-batch tokens, pack row, recompute). The first three set
+# (hidden, layers, heads, kv heads, ffn, vocab, micro-batch tokens, sequence length, recompute). The first three set
 # the planner's backward-workspace term (two layers' gradients); the others were not looked at while fitting.
 CONFIGS = [
     (512, 8, 8, 4, 1536, 32000, 2048, 256, "none"),
@@ -38,7 +38,10 @@ def measure(c) -> dict:
                      num_kv_heads=kv, head_dim=h // a, norm_eps=1e-6, rope_theta=10000.0,
                      max_position_embeddings=4096, qkv_bias=True, tie_word_embeddings=False)
     cfg = Config()
-    cfg.train.micro_batch_tokens, cfg.train.pack_row_tokens, cfg.parallel.recompute = T, row, rec
+    cfg.train.micro_batch_tokens, cfg.parallel.recompute = T, rec
+    # one sequence of `row` tokens per row: the [row, row] scores per row the formulas were fitted on (then
+    # with 8 packed sequences of 32 per row under a block mask); the engine's context bounds the sequence
+    cfg.train.pack, cfg.rollout.max_model_len = False, row
     # the attention the formulas were fitted on (stored scores); SDPA (the default) peaks lower, and the
     # estimate then errs high (BENCHMARKS.md)
     cfg.model.local_attention = "dot_product"
@@ -49,13 +52,13 @@ def measure(c) -> dict:
     torch.set_num_threads(2)
     base = psutil.Process().memory_info().rss
     policy = Policy(cfg, arch)
-    n = T // 32  # sequences of 32 tokens fill the micro-batch exactly
+    n = T // row  # sequences of `row` tokens fill the micro-batch exactly
     g = torch.Generator().manual_seed(0)
-    toks = torch.randint(3, V, (n, 32), generator=g)
-    mask = torch.zeros(n, 32, dtype=torch.bool)
-    mask[:, 8:30] = True
-    batch = SequenceBatch(toks, toks.roll(-1, 1), mask, mask, torch.full((n,), 31), torch.full((n,), 5),
-                          torch.ones(n), torch.zeros(n), torch.zeros(n, 32))
+    toks = torch.randint(3, V, (n, row), generator=g)
+    mask = torch.zeros(n, row, dtype=torch.bool)
+    mask[:, 8:row - 2] = True
+    batch = SequenceBatch(toks, toks.roll(-1, 1), mask, mask, torch.full((n,), row - 1), torch.full((n,), 5),
+                          torch.ones(n), torch.zeros(n), torch.zeros(n, row))
     policy.train_step(batch, sft_objective(batch, V, 5, 7, "full"))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     plan = estimate(cfg, arch, DEVICES["cpu"], world_size=1)

@@ -181,10 +181,9 @@ class TrainConfig:
     resume: bool = True  # continue from out_dir/checkpoints/latest when there is one (said at start-up)
     cpu_threads: int = 0  # CPU only: torch threads of the trainer; 0 = one per core this process may run on
     micro_batch_tokens: int = 4096  # token budget of one micro-batch (dynamic batch size)
-    pack: bool = True  # pack sequences end to end into rows (little padding); false: one per row
-    # packed row length; attention within a row costs O(row^2) under the local spec's mask (CPU): keep it a
-    # few sequences long there; 0 = one row per micro-batch (for varlen attention)
-    pack_row_tokens: int = 256
+    # pack sequences end to end (THD, attention per sequence: TE on GPU, models/varlen.py on the local spec;
+    # little padding); false: one right-padded sequence per row
+    pack: bool = True
     # lay each prompt's samples out as one unit: the prompt computed once, every sample attending to it at
     # its own RoPE positions (train/packing.py); the same loss and gradients with fewer tokens trained
     share_prompts: bool = False

@@ -135,10 +135,12 @@ def estimate(cfg: Config, arch: ModelArch, device: Device, world_size: int, mfu:
     m["grads"] = P * 4
     m["optimizer"] = P * (8 + (4 if pbytes == 2 else 0)) / (dp if par.distributed_optimizer else 1)
     T = tr.micro_batch_tokens
-    # the longest row attention spans: a packed row, a shared prompt's unit (up to the budget) or one sequence
-    row = min(T, tr.pack_row_tokens or T) if tr.pack else T if tr.share_prompts else min(T, cfg.rollout.max_model_len)
     # scores kept for the backward only by megatron's DotProductAttention (TE and SDPA keep a logsumexp)
     scores = not device.flash_attention and cfg.model.local_attention == "dot_product"
+    # the longest span attention covers: one sequence (THD packed or one per row), a shared prompt's unit (up
+    # to the budget), or a whole packed micro-batch under the dense mask DotProductAttention needs
+    longest = min(T, cfg.rollout.max_model_len)
+    row = (T if scores else longest) if tr.pack else T if tr.share_prompts else longest
     per_token = activation_elements(arch, tp, par.sequence_parallel, row, par.recompute, scores=scores)
     in_flight = pp  # 1F1B: the first stage holds up to PP micro-batches' activations
     one_layer = activation_elements(arch, tp, par.sequence_parallel, row, "none", scores) * \

@@ -144,7 +144,7 @@ def head_worker(out_dir, tied):
         cfg = Config()
         cfg.model.path, cfg.train.logprob_impl = str(path), impl
         cfg.train.logprob_chunk_mb = 0.001  # chunks of a few rows
-        cfg.train.micro_batch_tokens, cfg.train.pack_row_tokens, cfg.algo.temperature = 64, 40, 0.7
+        cfg.train.micro_batch_tokens, cfg.algo.temperature = 64, 0.7
         policy = Policy(cfg)
         batch = synthetic_batch()
         lp, p_yes = score(policy.chunks, batch, policy.vocab, 0.7, YES, NO, cfg.train, policy.groups)

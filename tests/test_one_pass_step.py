@@ -17,7 +17,7 @@ def one_pass_worker(model_dir, mode, pp):
     cfg = Config()
     cfg.model.path = str(model_dir)
     cfg.parallel = ParallelConfig(pp=pp)
-    cfg.train.micro_batch_tokens, cfg.train.pack_row_tokens = 64, 40  # several micro-batches
+    cfg.train.micro_batch_tokens = 64  # several micro-batches
     cfg.optim.lr, cfg.optim.eps = 1e-3, 1e-6
     policy = Policy(cfg)
     batch = synthetic_batch()

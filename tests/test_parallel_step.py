@@ -55,7 +55,8 @@ def grouped_batch(prompts=3, group=4, seed=1, vocab=1000):
                          torch.randn(n, generator=g), -torch.rand(n, L, generator=g) * resp)
 
 
-def step_worker(model_dir, tp, pp, vpp, sp, dp, pack, agg, budget=64, recompute="none", share=None):
+def step_worker(model_dir, tp, pp, vpp, sp, dp, pack, agg, budget=64, recompute="none", share=None,
+                attention="sdpa"):
     """`share` None: the synthetic batch; True / False: the grouped batch with or without shared prompts."""
     from megatron.core import parallel_state as ps
 
@@ -66,8 +67,8 @@ def step_worker(model_dir, tp, pp, vpp, sp, dp, pack, agg, budget=64, recompute=
     cfg = Config()
     cfg.model.path = str(model_dir)
     cfg.parallel = ParallelConfig(tp=tp, pp=pp, vpp=vpp, sequence_parallel=sp, recompute=recompute)
-    cfg.train.micro_batch_tokens, cfg.train.pack, cfg.train.pack_row_tokens = budget, pack, 40
-    cfg.train.share_prompts = bool(share)
+    cfg.train.micro_batch_tokens, cfg.train.pack = budget, pack
+    cfg.train.share_prompts, cfg.model.local_attention = bool(share), attention
     # Adam turns rounding noise in near-zero gradients into lr-sized updates (m / sqrt(v) ~ sign): with
     # eps=1e-6 such gradients move nothing, so step 2 compares the parallel layouts, not the rounding
     cfg.optim.lr, cfg.optim.eps = 1e-3, 1e-6
@@ -91,10 +92,10 @@ def step_worker(model_dir, tp, pp, vpp, sp, dp, pack, agg, budget=64, recompute=
 
 
 def _run(model_dir, world, tp=1, pp=1, vpp=None, sp=False, pack=True, agg="token_mean", budget=64,
-         recompute="none", share=None):
+         recompute="none", share=None, attention="sdpa"):
     dp = world // (tp * pp)  # budget 64: several micro-batches
     return run_distributed(step_worker, world, model_dir, tp, pp, vpp, sp, dp, pack, agg, budget, recompute,
-                           share)
+                           share, attention)
 
 
 KEYS = ("loss/total", "loss/policy", "loss/verifier", "grad_norm", "policy/clip_fraction", "policy/entropy")
@@ -132,7 +133,10 @@ def test_parallel_step_equals_one_process(qwen, reference, layout):
 
 @pytest.mark.slow
 def test_packed_equals_unpacked(qwen, reference):
+    """The reference packs THD sequences (models.varlen); unpacked rows run under megatron's causal mask, and
+    megatron's DotProductAttention gets the THD micro-batches as a dense block mask."""
     _assert_same(reference, _run(qwen, 1, pack=False)[0], "unpacked")
+    _assert_same(reference, _run(qwen, 1, attention="dot_product")[0], "packed, dot_product attention")
 
 
 @pytest.mark.slow
@@ -181,16 +185,11 @@ def test_vocab_parallel_logprobs_equal_log_softmax():
     assert torch.autograd.gradcheck(lambda z: target_logprobs(z, targets, vocab), (logits,))
 
 
-def test_block_causal_mask_and_row_plan():
-    from rlv_megatron.train.packing import block_causal_mask, plan_rows
+def test_row_plan():
+    from rlv_megatron.train.packing import plan_rows
 
-    m = block_causal_mask(torch.tensor([[0, 0, 1, 1, 1, -1]]))
-    assert m.shape == (1, 1, 6, 6)
-    allowed = ~m[0, 0]
-    assert allowed[1, 0] and not allowed[0, 1]  # causal within a sequence
-    assert not allowed[2, 1] and allowed[4, 2]  # no attention across sequences
-    assert plan_rows([5, 3, 4, 2], budget=8, pack=True) == [[[0, 1]], [[2, 3]]]  # rows of the budget
-    assert plan_rows([5, 3, 4, 2], budget=10, pack=True, row_tokens=5) == [[[0], [1, 3]], [[2]]]
+    assert plan_rows([5, 3, 4, 2], budget=8, pack=True) == [[[0, 1]], [[2, 3]]]  # one row of the budget each
+    assert plan_rows([5, 3, 4, 2], budget=10, pack=True, min_count=3) == [[[0, 1, 3]], [[2]], []]  # first fit
     assert plan_rows([5, 3, 4, 2, 1], budget=15, pack=False) == [[[0], [1], [2]], [[3], [4]]]
     assert plan_rows([5, 3, 4, 2, 1], budget=10, pack=False) == [[[0], [1]], [[2], [3]], [[4]]]
     assert plan_rows([5, 3], budget=10, pack=False, min_count=3) == [[[0]], [[1]], []]  # one per stage
@@ -198,6 +197,42 @@ def test_block_causal_mask_and_row_plan():
         plan_rows([5], budget=4, pack=True)
     # own shapes (no pipeline): longest rows first, as many as fit at the first one's length
     assert plan_rows([5, 3, 4, 2, 1], budget=10, pack=False, fixed_shape=False) == [[[0], [2]], [[1], [3], [4]]]
+
+
+@pytest.mark.parametrize("min_count, multiple_of", [(1, 1), (3, 2)], ids=["own_shapes", "pipeline_sp"])
+def test_thd_micro_batches(min_count, multiple_of):
+    """Packed micro-batches: one row, cu_seqlens at the sequences' boundaries and covering the padding in
+    pieces no longer than the longest sequence; every token where it was."""
+    from types import SimpleNamespace
+
+    from rlv_megatron.train.packing import lengths, micro_batches
+
+    batch = synthetic_batch()
+    lens = lengths(batch)
+    cfg = SimpleNamespace(micro_batch_tokens=64, pack=True, share_prompts=False)
+    mbs = micro_batches(batch, {"target": batch.targets}, cfg, multiple_of, min_count=min_count)
+    assert len(mbs) >= max(min_count, 2) and all(mb.tokens.shape[0] == 1 for mb in mbs)
+    if min_count > 1:
+        assert len({mb.tokens.shape for mb in mbs}) == 1  # pipelines need one shape
+    assert sorted(int(i) for mb in mbs for i in mb.seq.unique() if i >= 0) == list(range(len(batch)))
+    for mb in mbs:
+        S = mb.tokens.shape[1]
+        cu = mb.cu_seqlens.tolist()
+        assert mb.attention_mask is None and S % multiple_of == 0 and cu[0] == 0 and cu[-1] == S
+        seq, pos = mb.seq[0], mb.pos[0]
+        real = [(cu[j], cu[j + 1]) for j in range(len(cu) - 1) if seq[cu[j]] >= 0]
+        longest = max((b - a for a, b in real), default=S)
+        for a, b in zip(cu, cu[1:]):
+            ids = seq[a:b].unique().tolist()
+            assert len(ids) == 1  # one sequence (or padding) per THD sequence
+            if ids[0] >= 0:
+                assert b - a == lens[ids[0]] and torch.equal(pos[a:b], torch.arange(b - a))
+                assert torch.equal(mb.tokens[0, a:b], batch.tokens[ids[0], :b - a])
+            else:
+                assert b - a <= min(longest, 128)
+        params = mb.packed_seq_params()
+        assert params.qkv_format == "thd" and params.max_seqlen_q == max(b - a for a, b in zip(cu, cu[1:]))
+        assert params.cu_seqlens_q.dtype == torch.int32  # what TransformerEngine takes
 
 
 def test_shared_prompt_layout():
@@ -210,7 +245,7 @@ def test_shared_prompt_layout():
 
     batch = grouped_batch(prompts=2, group=3)
     first = batch.response_mask.float().argmax(1)
-    cfg = SimpleNamespace(micro_batch_tokens=4096, pack=False, pack_row_tokens=0, share_prompts=True)
+    cfg = SimpleNamespace(micro_batch_tokens=4096, pack=False, share_prompts=True)
     mbs = micro_batches(batch, {"target": batch.targets}, cfg)
     rows = [(mb, r) for mb in mbs for r in range(len(mb.tokens))]
     assert len(rows) == 2 and all(mb.shares_prompts for mb in mbs)
@@ -243,7 +278,7 @@ def reference_worker(model_dir, agg):
 
     cfg = Config()
     cfg.model.path = str(model_dir)
-    cfg.train.micro_batch_tokens, cfg.train.pack_row_tokens = 64, 40
+    cfg.train.micro_batch_tokens = 64
     cfg.algo.loss_agg, cfg.algo.max_tokens, cfg.algo.temperature = agg, 24, 0.7
     cfg.optim.lr = 0.0  # both objectives see the same weights
     policy = Policy(cfg)
@@ -305,8 +340,8 @@ def test_bf16_training_follows_fp32(qwen):
     assert bf16[1]["loss/total"] < bf16[0]["loss/total"]  # it trains
 
 
-def test_packing_under_transformer_engine_is_refused(monkeypatch, tmp_path):
-    """TE's attention is built causal and would ignore the block-diagonal mask of packed rows."""
+def test_shared_prompts_under_transformer_engine_are_refused(monkeypatch, tmp_path):
+    """A shared prompt's samples attend outside their own sequence, which THD cannot express."""
     from rlv_megatron.train import policy as policy_mod
     from rlv_megatron.config import Config, ConfigError
     from rlv_megatron.models.tiny import make_hf_model
@@ -314,5 +349,6 @@ def test_packing_under_transformer_engine_is_refused(monkeypatch, tmp_path):
     monkeypatch.setattr(policy_mod, "resolve_impl", lambda model_cfg: "te")
     cfg = Config()
     cfg.model.path = str(make_hf_model("qwen2", tmp_path / "m"))
-    with pytest.raises(ConfigError, match="train.pack=true with model.impl=te"):
+    cfg.train.share_prompts = True
+    with pytest.raises(ConfigError, match="train.share_prompts=true with model.impl=te"):
         policy_mod.Policy(cfg)

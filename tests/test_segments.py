@@ -1,5 +1,5 @@
-"""The segment layout's attention against the dense block mask (train.packing.block_causal_mask, built
-from per-token sequence and unit ids: an independent construction; packed rows still use it)."""
+"""The segment layout's attention against a dense block mask built from per-token sequence and unit ids
+(an independent construction)."""
 
 import random
 
@@ -8,7 +8,16 @@ import torch
 import torch.nn.functional as F
 
 from rlv_megatron.models.segments import Segment, dense_mask, encode, segment_attention
-from rlv_megatron.train.packing import block_causal_mask
+
+
+def block_causal_mask(seq, unit, shared):
+    """[R, S] sequence ids (-1 padding), unit ids and shared flags -> [R, 1, S, S] True = masked: a token sees
+    the earlier tokens of its own sequence and the earlier shared tokens of its unit; padding sees itself."""
+    S = seq.shape[-1]
+    same = (seq[:, :, None] == seq[:, None, :]) & (seq[:, :, None] >= 0)
+    same = (same & ~shared[:, :, None] | shared[:, None, :]) & (unit[:, :, None] == unit[:, None, :])
+    allowed = (same & torch.ones(S, S, dtype=torch.bool).tril()) | torch.eye(S, dtype=torch.bool)
+    return ~allowed[:, None]
 
 
 def random_rows(rng: random.Random, rows: int, seq_len: int):

@@ -108,7 +108,10 @@ def build_model(arch: ModelArch, par: ParallelConfig, model_cfg: ModelConfig) ->
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
 
+    from rlv_megatron.models.rope import use_vectorised_thd_rope
+
     impl = resolve_impl(model_cfg)
+    use_vectorised_thd_rope()
     config = transformer_config(arch, par, model_cfg, impl)
     spec = layer_spec(arch, impl, model_cfg.local_attention)
     vocab = padded_vocab_size(arch.vocab_size, model_cfg.make_vocab_size_divisible_by, par.tp)

@@ -1,16 +1,19 @@
-"""Micro-batches by a token budget: sequences packed end to end into rows (little padding waste), each
-attending only to itself (a block-diagonal mask), or, unpacked, one right-padded sequence per row
-(megatron's causal mask).
+"""Micro-batches by a token budget: sequences packed end to end (THD: one row per micro-batch, little
+padding waste), each attending only to itself, or, unpacked, one right-padded sequence per row (megatron's
+causal mask).
 
-RoPE depends only on the distance between two tokens of a sequence, so a sequence packed at an offset gets
-the same attention as at position 0: packed and unpacked losses agree to rounding (tested).
+Packed micro-batches carry megatron's PackedSeqParams (`cu_seqlens`: where each sequence starts), consumed by
+TransformerEngine's THD attention on GPU and by `models.varlen` on the local spec: attention per sequence, no
+[T, T] mask. RoPE restarts at each sequence (megatron's THD rotary), so packed and unpacked losses agree to
+rounding (tested). Padding at the end of a row is split into pseudo-sequences no longer than the longest
+real one, so it costs no more attention per token than real tokens.
 
 Shared prompts (`train.share_prompts`): the G samples of one prompt are laid out as one unit,
 `prompt[:-1] | last prompt token + sample 1 | ... | last prompt token + sample G`, each sample attending to
 the shared part (its segment's prefix) and to itself, at its own RoPE positions (`pos`). The shared tokens
 are computed once instead of G times and their gradient is the sum of the G copies': the same loss and
 gradient to rounding, because every loss weights only response and answer targets, which all lie after
-the shared part.
+the shared part. The local spec only (`models.segments`' layout); THD cannot express a shared prefix.
 
 Every field is [rows, S]; `seq` and `pos` map a token back to (sequence, target index) in the SequenceBatch.
 """
@@ -28,16 +31,31 @@ from rlv_megatron.train.batch import SequenceBatch
 @dataclass
 class MicroBatch:
     tokens: torch.Tensor  # [R, S] inputs
-    # [R, 1, S, S] bool, True = masked (packed rows); models.segments' layout (shared prompts); None: causal
-    attention_mask: torch.Tensor | None
+    attention_mask: torch.Tensor | None  # models.segments' layout (shared prompts); None: causal or THD
     seq: torch.Tensor  # [R, S] sequence index in the SequenceBatch, -1 on padding (shared tokens: the first's)
     pos: torch.Tensor  # [R, S] target index within that sequence (= the input's position)
     fields: dict[str, torch.Tensor] = field(default_factory=dict)  # per-token values, [R, S], 0 on padding
     shares_prompts: bool = False  # some rows hold shared prompts: RoPE must read `pos`, not the row offset
+    cu_seqlens: torch.Tensor | None = None  # THD (R = 1): int32 [sequences + 1] boundaries, padding included
 
     @property
     def num_tokens(self) -> int:
         return int((self.seq >= 0).sum())
+
+    def packed_seq_params(self):
+        """megatron's PackedSeqParams of a THD micro-batch (None otherwise)."""
+        if self.cu_seqlens is None:
+            return None
+        from megatron.core.packed_seq_params import PackedSeqParams
+
+        longest = int((self.cu_seqlens[1:] - self.cu_seqlens[:-1]).max())
+        return PackedSeqParams(qkv_format="thd", cu_seqlens_q=self.cu_seqlens, cu_seqlens_kv=self.cu_seqlens,
+                               max_seqlen_q=longest, max_seqlen_kv=longest)
+
+    def to(self, device) -> "MicroBatch":
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return MicroBatch(move(self.tokens), move(self.attention_mask), move(self.seq), move(self.pos),
+                          {k: move(v) for k, v in self.fields.items()}, self.shares_prompts, move(self.cu_seqlens))
 
 
 @dataclass
@@ -88,19 +106,18 @@ def computed_tokens(batch: SequenceBatch, batching) -> int:
     return sum(unit_length(u, lens) for u in units)
 
 
-def plan_rows(lens: list[int], budget: int, pack: bool, row_tokens: int = 0, min_count: int = 1,
-              fixed_shape: bool = True) -> list[list[list[int]]]:
-    """Micro-batches -> rows -> unit indices, for units of `lens` tokens. Packed, rows of `row_tokens` (at
-    least the longest unit; 0: the whole budget) take units first-fit, in order; unpacked, one each.
+def plan_rows(lens: list[int], budget: int, pack: bool, min_count: int = 1, fixed_shape: bool = True
+              ) -> list[list[list[int]]]:
+    """Micro-batches -> rows -> unit indices, for units of `lens` tokens. Packed, rows of the whole budget
+    take units first-fit, in order (one row per micro-batch); unpacked, one unit per row.
     fixed_shape (pipelines need one [R, S] for all): every row as long as the longest, as many rows per
     micro-batch as fit in `budget`, spread evenly over at least `min_count` micro-batches (one per stage;
     extra ones are empty). Otherwise rows go longest first into micro-batches of their own [R, S] while R
-    times the first row's length fits in `budget`: little padding. Rows shorter than the budget keep
-    attention cost (quadratic in the row) low where there is no varlen attention (the local spec)."""
+    times the first row's length fits in `budget`: little padding."""
     longest = max(lens)
     if longest > budget:
         raise ValueError(f"train.micro_batch_tokens={budget}: a sequence of {longest} tokens does not fit")
-    row_len = min(budget, max(longest, row_tokens or budget)) if pack else longest
+    row_len = budget if pack else longest
     rows, used = [], []
     for i, n in enumerate(lens):
         for r, u in enumerate(used if pack else []):
@@ -125,24 +142,10 @@ def plan_rows(lens: list[int], budget: int, pack: bool, row_tokens: int = 0, min
     return plan + [[] for _ in range(n_mb - len(plan))]
 
 
-def block_causal_mask(seq: torch.Tensor, unit: torch.Tensor | None = None, shared: torch.Tensor | None = None
-                      ) -> torch.Tensor:
-    """[R, S] sequence ids (-1 = padding) -> [R, 1, S, S] True where attention is masked. Each token sees
-    the earlier tokens of its own sequence (padding sees itself, so no softmax row is empty); with `unit`
-    ids and `shared` flags, also the earlier shared tokens of its unit."""
-    S = seq.shape[-1]
-    unit = seq if unit is None else unit
-    same = (seq[:, :, None] == seq[:, None, :]) & (seq[:, :, None] >= 0)
-    if shared is not None:
-        same = (same & ~shared[:, :, None] | shared[:, None, :]) & (unit[:, :, None] == unit[:, None, :])
-    allowed = (same & torch.ones(S, S, dtype=torch.bool).tril()) | torch.eye(S, dtype=torch.bool)
-    return ~allowed[:, None]
-
-
 def micro_batches(batch: SequenceBatch, per_token: dict[str, torch.Tensor], batching, multiple_of: int = 1,
                   pad_id: int = 0, min_count: int = 1) -> list[MicroBatch]:
     """Split `batch` by `plan_rows` under `batching` (train.micro_batch_tokens, train.pack,
-    train.pack_row_tokens, train.share_prompts); `per_token` tensors [B, L] are carried along as
+    train.share_prompts); `per_token` tensors [B, L] are carried along as
     MicroBatch.fields. Under a pipeline (min_count > 1) all micro-batches share one shape [R, S], empty
     rows filling the last; without one each has its own. S is a multiple of `multiple_of` (TP with
     sequence parallel)."""
@@ -150,8 +153,7 @@ def micro_batches(batch: SequenceBatch, per_token: dict[str, torch.Tensor], batc
     budget = batching.micro_batch_tokens
     units = prompt_units(batch, lens, batching.share_prompts, budget)
     unit_lens = [unit_length(u, lens) for u in units]
-    plan = plan_rows(unit_lens, budget, batching.pack, batching.pack_row_tokens, min_count,
-                     fixed_shape=min_count > 1)
+    plan = plan_rows(unit_lens, budget, batching.pack, min_count, fixed_shape=min_count > 1)
     row_len = lambda row: sum(unit_lens[u] for u in row)  # noqa: E731
     round_up = lambda n: -(-n // multiple_of) * multiple_of  # noqa: E731
     S_all = round_up(max(row_len(row) for rows in plan for row in rows))  # the first is never empty
@@ -180,12 +182,24 @@ def micro_batches(batch: SequenceBatch, per_token: dict[str, torch.Tensor], batc
         si, pi = seq.clamp(min=0), pos
         fields = {k: torch.where(valid, v[si, pi], torch.zeros((), dtype=v.dtype)) for k, v in per_token.items()}
         shares = any(s.prefix_end for s in segments)
-        # one sequence per row, right-padded: megatron's own causal mask is exact. Packed rows of short
-        # sequences run faster under one dense mask than gathered per segment (64 segments of 30 tokens:
-        # 101 vs 295 ms per layer forward + backward); shared prompts per segment (8.8 -> 3.6 s a step)
-        mask = encode(segments, R) if shares else block_causal_mask(seq) if batching.pack else None
-        out.append(MicroBatch(tokens, mask, seq, pos, fields, shares))
+        # one sequence per row, right-padded: megatron's own causal mask is exact
+        thd = batching.pack and not shares
+        mask = encode(segments, R) if shares else None
+        out.append(MicroBatch(tokens, mask, seq, pos, fields, shares, thd_boundaries(segments, S) if thd else None))
     return out
+
+
+def thd_boundaries(segments: list[Segment], S: int) -> torch.Tensor:
+    """cu_seqlens (int32) of one packed row: its sequences in order, then the padding to S as pseudo-sequences
+    no longer than the longest sequence (attention costs no more per padding token than per real one)."""
+    assert all(s.row == 0 for s in segments), "THD micro-batches hold one row"
+    ends = [s.end for s in segments]
+    piece = max((s.end - s.start for s in segments), default=min(S, 128))
+    at = ends[-1] if ends else 0
+    while at < S:
+        at = min(at + piece, S)
+        ends.append(at)
+    return torch.tensor([0] + ends, dtype=torch.int32)
 
 
 def scatter_back(mbs: list[MicroBatch], values: list[torch.Tensor], shape: tuple[int, int]) -> torch.Tensor:

@@ -45,12 +45,10 @@ class Policy:
                 raise ConfigError("model.path: a Hugging Face model directory is required (or pass an arch)")
             arch = load_arch(cfg.model.path)
         validate(cfg, arch)
-        for field, on in (("train.pack", cfg.train.pack), ("train.share_prompts", cfg.train.share_prompts)):
-            if on and resolve_impl(cfg.model) == "te":
-                # the TE spec's attention is built causal and ignores a block-diagonal mask: packed rows would
-                # attend across sequences. TE needs THD packed sequences (PackedSeqParams), not wired yet.
-                raise ConfigError(f"{field}=true with model.impl=te: rows of several sequences need THD "
-                                  f"sequences under TransformerEngine, not implemented yet; set {field}=false")
+        if cfg.train.share_prompts and resolve_impl(cfg.model) == "te":
+            # a shared prompt's samples attend to a prefix outside their own sequence: THD cannot say that
+            raise ConfigError("train.share_prompts=true with model.impl=te: samples attending to a shared prompt "
+                              "have no THD form under TransformerEngine; set train.share_prompts=false")
         if not torch.cuda.is_available():
             torch.set_num_threads(cpu_threads(cfg.train.cpu_threads))
         init_megatron(cfg.parallel, seed=cfg.model.seed)

@@ -136,13 +136,17 @@ def run_schedule(chunks, mbs: list[MicroBatch], on_head, forward_only: bool, voc
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    device = next(chunks[0].parameters()).device
+
     def step(data_iterator, model):
         mb = next(data_iterator)
-        # samples after a shared prompt sit at their own positions, not the row's
+        if device.type != "cpu":  # micro-batches are built on the CPU
+            mb = mb.to(device)
+        # samples after a shared prompt sit at their own positions, not the row's (THD: megatron's rotary
+        # restarts at each sequence)
         own = mb.pos if mb.shares_prompts else None
         with rope_positions(model, own):
-            out = model(mb.tokens, torch.arange(mb.tokens.shape[1]).expand_as(mb.tokens) if own is None else own,
-                        mb.attention_mask)
+            out = model(mb.tokens, mb.pos, mb.attention_mask, packed_seq_params=mb.packed_seq_params())
         if forward_only:
             return out, lambda output, non_loss_data=True: on_head(make_head(model, output, vocab), mb)
         return out, lambda output: on_head(make_head(model, output, vocab), mb)
@@ -162,7 +166,7 @@ def reduce_stats(values: list[dict] | None, keys: tuple[str, ...], dp_group, pp_
     """Sum per-micro-batch statistics, over data-parallel ranks, and share them with every pipeline stage."""
     t = torch.zeros(len(keys), dtype=torch.float64)
     for v in values or []:
-        t += torch.stack([v[k].detach().double() for k in keys])
+        t += torch.stack([v[k].detach().double().cpu() for k in keys])
     for g in (pp_group, dp_group):
         if g is not None and dist.get_world_size(g) > 1:
             dist.all_reduce(t, group=g)
@@ -206,13 +210,13 @@ def batch_layout(mbs: list[MicroBatch], values: list[list[torch.Tensor]] | None,
     both = torch.zeros((count,) + tuple(shape))
     if values is not None:
         for k in range(count):
-            both[k] = scatter_back(mbs, [v[k] for v in values], shape)
+            both[k] = scatter_back(mbs, [v[k].cpu() for v in values], shape)
     if pp_group is not None and dist.get_world_size(pp_group) > 1:
         dist.all_reduce(both, group=pp_group)  # only the last stage holds non-zeros
     return list(both)
 
 
-_ONE_ROW_EACH = SimpleNamespace(micro_batch_tokens=1 << 30, pack=False, pack_row_tokens=0, share_prompts=False)
+_ONE_ROW_EACH = SimpleNamespace(micro_batch_tokens=1 << 30, pack=False, share_prompts=False)
 
 
 @dataclass
