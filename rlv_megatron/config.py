@@ -65,6 +65,11 @@ class RolloutConfig:
     # process may run on (trainer and engine take turns, so both use all); "auto" = vLLM's own choice (one
     # core per worker here); or an explicit list such as "0-1" ("0|1" per rank under rollout TP)
     cpu_threads_bind: str = "all"
+    # "sync": generate, train, sync, in turn; "overlap": the next steps' rollouts are generated while a step
+    # trains, with weights up to max_staleness updates old (rollout/overlap.py; needs algo.tis_cap). On CPU,
+    # cpu_threads_bind=all then splits the cores: the engine the second half, the trainer the first
+    mode: str = "sync"
+    max_staleness: int = 1  # overlap: the most RL updates a trained sample's weights may lag behind
 
 
 @dataclass
@@ -217,6 +222,7 @@ _CHOICES = {
     "rollout.dtype": ("float32", "bfloat16", "float16"),
     "rollout.transport": ("auto", "shm", "cuda_ipc"),
     "rollout.logprobs_mode": ("processed_logprobs", "raw_logprobs"),
+    "rollout.mode": ("sync", "overlap"),
     "algo.advantage": ("grpo", "rloo", "dr_grpo"),
     "algo.loss_agg": ("token_mean", "seq_mean", "constant"),
     "algo.old_logprobs": ("auto", "recompute", "current"),
@@ -251,6 +257,13 @@ def check_cpu_threads_bind(rollout: RolloutConfig) -> None:
                           f"rollout.tensor_parallel_size={tp} (one per rank, separated by |)")
 
 
+def engine_cores(rollout: RolloutConfig) -> list[int]:
+    """The cores rollout.cpu_threads_bind=all gives the engine: every usable core, taking turns with the
+    trainer; under rollout.mode=overlap (both at once) the second half, the trainer keeping the first."""
+    cores = usable_cores()
+    return cores[len(cores) // 2:] if rollout.mode == "overlap" and len(cores) > 1 else cores
+
+
 def cpu_threads_bind(rollout: RolloutConfig) -> str | None:
     """VLLM_CPU_OMP_THREADS_BIND for `rollout.cpu_threads_bind` on this machine (None: leave it to vLLM)."""
     check_cpu_threads_bind(rollout)
@@ -258,7 +271,7 @@ def cpu_threads_bind(rollout: RolloutConfig) -> str | None:
     if bind == "auto":
         return None
     if bind == "all":
-        cores = usable_cores()
+        cores = engine_cores(rollout)
         if tp > len(cores):
             raise ConfigError(f"rollout.tensor_parallel_size={tp}: more engine ranks than the {len(cores)} "
                               "usable cores (rollout.cpu_threads_bind=all)")
@@ -324,6 +337,12 @@ def validate(cfg: Config, arch=None) -> None:
     if cfg.train.cpu_threads < 0:
         raise ConfigError(f"train.cpu_threads={cfg.train.cpu_threads}: must be >= 0 (0: every core)")
     check_cpu_threads_bind(cfg.rollout)
+    if cfg.rollout.mode == "overlap":
+        if cfg.rollout.max_staleness < 1:
+            raise ConfigError(f"rollout.max_staleness={cfg.rollout.max_staleness}: rollout.mode=overlap needs >= 1")
+        if cfg.algo.tis_cap is None:
+            raise ConfigError("algo.tis_cap=null with rollout.mode=overlap: samples of older weights need the "
+                              "truncated importance-sampling correction (e.g. algo.tis_cap=2.0)")
     if cfg.train.keep_checkpoints < 0:
         raise ConfigError(f"train.keep_checkpoints={cfg.train.keep_checkpoints}: must be >= 0")
     if not cfg.train.logprob_chunk_mb > 0:

@@ -106,7 +106,8 @@ def run(cfg: Config) -> Path | None:
     if resume is not None:
         if cfg.algo.kl_beta > 0:
             policy.freeze_reference()  # the structure; its weights come from the checkpoint
-        start_step = checkpoint.load(policy, resume)["step"]
+        run_state = checkpoint.load(policy, resume)
+        start_step = run_state["step"]
         if lead:
             print(f"resuming from {resume} (RL step {start_step})", flush=True)
     elif cfg.sft.steps > 0:
@@ -121,7 +122,8 @@ def run(cfg: Config) -> Path | None:
     try:
         if cfg.eval.before_rl and lead:
             results["before_rl"] = run_eval(-1, engine, task, fmt, cfg, metrics)
-        results["during_rl"] = train(policy, engine, task, fmt, cfg, metrics, out, start_step)
+        results["during_rl"] = train(policy, engine, task, fmt, cfg, metrics, out, start_step,
+                                     None if resume is None else (resume, run_state))
         if not lead:
             return None
         final, pool = {}, []

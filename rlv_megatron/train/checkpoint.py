@@ -114,8 +114,9 @@ def _in_process_write_results():
         fa._results_queue = saved
 
 
-def save(policy, root: str | Path, step: int, run_state: dict, keep: int = 2) -> Path:
-    """Collective: every rank calls it. `run_state`: JSON-able position of the run (step, phase, ...).
+def save(policy, root: str | Path, step: int, run_state: dict, keep: int = 2, extras: dict | None = None) -> Path:
+    """Collective: every rank calls it. `run_state`: JSON-able position of the run (step, phase, ...);
+    `extras`: this rank's objects to keep beside it (name -> picklable; names unique over ranks; `load_extra`).
     Once it is complete, older checkpoints beyond the `keep` newest go (`prune`; keep=0 keeps all)."""
     from megatron.core import dist_checkpointing
 
@@ -131,6 +132,8 @@ def save(policy, root: str | Path, step: int, run_state: dict, keep: int = 2) ->
     state["run"] = {**run_state, "step": step}
     with _in_process_write_results():
         dist_checkpointing.save(state, str(tmp))
+    for name, obj in (extras or {}).items():
+        torch.save(obj, tmp / f"{name}.pt")
     _barrier()
     if _rank0():
         files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
@@ -199,6 +202,11 @@ def params_dtype(path: str | Path) -> str:
         if not k.startswith(("optimizer.", "reference.")):
             numel[t.dtype] = numel.get(t.dtype, 0) + math.prod(t.global_shape)
     return str(max(numel, key=numel.get)).removeprefix("torch.")
+
+
+def load_extra(path: str | Path, name: str):
+    """An object `save` kept under `name` (its file is in the manifest, so `verify` has checked it)."""
+    return torch.load(Path(path) / f"{name}.pt", weights_only=False)
 
 
 def load(policy, path: str | Path, optimizer: bool = True) -> dict:

@@ -1,5 +1,6 @@
 """The RL^V loop: rollout -> reward -> advantages -> verifier batch -> train step(s) -> weight sync ->
-metrics -> periodic eval and checkpoint. Reads like DESIGN.md's flow; the work lives in the modules."""
+metrics -> periodic eval and checkpoint. Reads like DESIGN.md's flow; the work lives in the modules.
+Under rollout.mode=overlap the rollouts come from rollout/overlap.py, generated while earlier steps train."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from tqdm import tqdm
 
 from rlv_megatron import dashboards
 from rlv_megatron.algos.advantages import compute_advantages, informative_groups
+from rlv_megatron.dashboards import Metrics
+from rlv_megatron.rollout.overlap import RolloutsAhead
 from rlv_megatron.rollout.placement import Placement, dp_mean, my_share, share_from_engine
 from rlv_megatron.rollout.weight_stream import stream_weights
 from rlv_megatron.eval.equivalence import AnswerKeys
@@ -33,11 +36,13 @@ class Rollouts:
     rewards: torch.Tensor  # [B]
     group_ids: torch.Tensor  # [B]
     stats: dict
+    times: dict  # seconds per phase (rollout, reward) of the generation
 
 
-def collect_rollouts(step, engine, task, fmt, cfg, metrics, place: Placement) -> Rollouts:
+def collect_rollouts(step, engine, task, fmt, cfg, place: Placement) -> Rollouts:
     """rollout -> reward -> advantages -> verifier batch, for this replica's prompts (engine rank only)."""
     a = cfg.algo
+    metrics = Metrics(None)  # its own phase times: under overlap it runs beside the step that trains
     with metrics.timer("rollout"):
         problems = task.sample_train(a.prompts_per_step, seed=step_seed(cfg.train.seed, step, 0))
         first = place.dp_rank * (a.prompts_per_step // place.dp_size)  # global index of my first prompt
@@ -64,13 +69,23 @@ def collect_rollouts(step, engine, task, fmt, cfg, metrics, place: Placement) ->
              "response/truncated_fraction": sum(s.finish_reason == "length" for _, s in flat) / len(flat),
              "throughput/generated_tokens": sum(lengths),
              "throughput/rollout_tokens": sum(lengths) + sum(len(p) for p in prompts) * a.group_size}
-    return Rollouts(batch, r, group_ids, stats)
+    return Rollouts(batch, r, group_ids, stats, dict(metrics.times))
 
 
-def rl_step(step, policy, engine, task, fmt, cfg, metrics, place: Placement = Placement()) -> dict:
+def rl_step(step, policy, engine, task, fmt, cfg, metrics, place: Placement = Placement(),
+            ahead: RolloutsAhead | None = None) -> dict:
+    """One step; `ahead` (rollout.mode=overlap): the rollouts were generated earlier, by weights `lag`
+    updates older, and weights reach the engine at the start of a step (in `ahead.take`), not the end."""
     a = cfg.algo
-    ro = share_from_engine(
-        collect_rollouts(step, engine, task, fmt, cfg, metrics, place) if place.owns_engine else None, place)
+    if ahead is None:
+        ro = collect_rollouts(step, engine, task, fmt, cfg, place) if place.owns_engine else None
+        version, sync = step, None
+    else:
+        with metrics.timer("rollout_wait"):  # the trainer idle, waiting for the generation (and the sync)
+            ro, version, sync = ahead.take(step)
+    ro = share_from_engine(ro, place)
+    for phase, seconds in ro.times.items():
+        metrics.times[phase] += seconds
     batch, r, group_ids = ro.batch, ro.rewards, ro.group_ids
     from_forward = old_logprobs_from_forward(a)
     with metrics.timer("train"):
@@ -99,13 +114,8 @@ def rl_step(step, policy, engine, task, fmt, cfg, metrics, place: Placement = Pl
                     old_logp, scores = torch.zeros_like(outputs["logp"]), torch.zeros_like(outputs["score"])
                     old_logp[idx], scores[idx] = outputs["logp"], outputs["score"]
                     p_yes = scores[torch.arange(len(batch)), batch.verify_pos]
-    with metrics.timer("sync"):
-        weights = stream_weights(policy, place)
-        if place.owns_engine:
-            sync = engine.update_weights(weights)
-            sync_seconds, sync_gb = sync.seconds, sync.bytes / 1e9
-        else:
-            sync_seconds, sync_gb = drain(weights), 0.0
+    if ahead is None:
+        sync = sync_weights(policy, engine, place, metrics)
     m = batch.response_mask
     gap = ((old_logp - batch.rollout_logp).abs() * m).sum() / m.sum().clamp(min=1)
     verifier_stats = verifier_quality(p_yes.tolist(), [x >= 1.0 for x in r.tolist()], group_ids.tolist()) \
@@ -117,9 +127,20 @@ def rl_step(step, policy, engine, task, fmt, cfg, metrics, place: Placement = Pl
                              "throughput/trained_tokens": trained,
                              "throughput/scored_tokens": computed_tokens(batch, cfg.train),
                              **verifier_stats}, place)
-    return {**rollout_stats, "reward/pass@1": rollout_stats["reward/mean"], "sync/seconds": sync_seconds,
-            "sync/gb": sync_gb, **train_stats,
+    return {**rollout_stats, "reward/pass@1": rollout_stats["reward/mean"], **(sync or {"sync/seconds": 0.0,
+            "sync/gb": 0.0}), "rollout/policy_lag": float(step - version), **train_stats,
             "response/lengths": batch.response_mask.sum(1).tolist()}  # this replica's, for the histogram
+
+
+def sync_weights(policy, engine, place: Placement, metrics) -> dict:
+    """The trainer's weights to the engine (collective over the model-parallel group)."""
+    with metrics.timer("sync"):
+        weights = stream_weights(policy, place)
+        if not place.owns_engine:
+            drain(weights)
+            return {"sync/seconds": 0.0, "sync/gb": 0.0}
+        sync = engine.update_weights(weights)
+        return {"sync/seconds": sync.seconds, "sync/gb": sync.bytes / 1e9}
 
 
 def old_logprobs_from_forward(algo) -> bool:
@@ -136,9 +157,11 @@ def drain(iterator) -> float:
     return 0.0
 
 
-def train(policy, engine, task, fmt, cfg, metrics, out_dir: Path, start_step: int = 0) -> list[dict]:
-    """RL steps start_step..train.steps-1; every step is a function of (seed, step, weights, optimizer), so
-    a run resumed from the checkpoint after step k repeats the uninterrupted run exactly."""
+def train(policy, engine, task, fmt, cfg, metrics, out_dir: Path, start_step: int = 0,
+          resumed: tuple[Path, dict] | None = None) -> list[dict]:
+    """RL steps start_step..train.steps-1; every step is a function of (seed, step, weights, optimizer) and,
+    under overlap, of the rollouts in flight, which the checkpoint keeps (`resumed`: its path and run state),
+    so a run resumed from the checkpoint after step k repeats the uninterrupted run exactly."""
     evals = []
     place = Placement.current()
     lead = place.owns_engine and place.dp_rank == 0  # global rank 0: logs and evaluates
@@ -146,24 +169,78 @@ def train(policy, engine, task, fmt, cfg, metrics, out_dir: Path, start_step: in
     peak = dashboards.peak_tflops(torch.cuda.get_device_name() if torch.cuda.is_available() else None)
     params = total_params(policy.arch)
     scoring_passes = (not old_logprobs_from_forward(cfg.algo)) + (policy.reference is not None)
-    for step in tqdm(range(start_step, cfg.train.steps), desc="rl", mininterval=5,
-                     initial=start_step, total=cfg.train.steps, disable=not lead):
-        t0 = time.perf_counter()
-        values = rl_step(step, policy, engine, task, fmt, cfg, metrics, place)
-        step_s = time.perf_counter() - t0
-        lengths = values.pop("response/lengths")
-        values.update(dashboards.step_throughput(values, metrics.times, step_s, params, cfg.algo.ppo_epochs,
-                                                 scoring_passes, place.dp_size, gpus, peak))
-        metrics.log(step, values)
-        metrics.histogram("response/length", lengths, step)
-        last = step == cfg.train.steps - 1
-        if lead and cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and not last:
-            evals.append(run_eval(step, engine, task, fmt, cfg, metrics))
-        keep = cfg.train.keep_checkpoints
-        if keep and (cfg.train.save_every and (step + 1) % cfg.train.save_every == 0 or last):
-            checkpoint.save(policy, out_dir / "checkpoints", step + 1, {"phase": "rl"}, keep)
-        if last and cfg.train.export_final:
-            policy.export(out_dir / "model", task.tokenizer, dtype=getattr(torch, cfg.model.params_dtype))
+    ahead = start_overlap(policy, engine, task, fmt, cfg, place, start_step, metrics, resumed)
+    try:
+        for step in tqdm(range(start_step, cfg.train.steps), desc="rl", mininterval=5,
+                         initial=start_step, total=cfg.train.steps, disable=not lead):
+            evals += train_one(step, policy, engine, task, fmt, cfg, metrics, out_dir, place, ahead,
+                               (params, scoring_passes, gpus, peak))
+    finally:
+        if ahead is not None:
+            ahead.close()
+    return evals
+
+
+def start_overlap(policy, engine, task, fmt, cfg, place, start_step, metrics, resumed) -> RolloutsAhead | None:
+    """rollout.mode=overlap: the generator of rollouts ahead (its pending steps restored from the checkpoint
+    resumed from), and on CPU the trainer on the cores the engine does not take (config.engine_cores)."""
+    if cfg.rollout.mode != "overlap":
+        return None
+    if not torch.cuda.is_available() and cfg.rollout.cpu_threads_bind == "all" and cfg.train.cpu_threads == 0:
+        import os
+
+        from rlv_megatron.config import engine_cores, usable_cores
+
+        mine = sorted(set(usable_cores()) - set(engine_cores(cfg.rollout))) or usable_cores()
+        os.sched_setaffinity(0, mine)
+        torch.set_num_threads(max(len(mine) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1))
+    ahead = RolloutsAhead(lambda step: collect_rollouts(step, engine, task, fmt, cfg, place),
+                          lambda: sync_weights(policy, engine, place, metrics), cfg.rollout.max_staleness,
+                          cfg.train.steps - 1, start_step, place.owns_engine)
+    if resumed is not None:
+        path, run_state = resumed
+        versions = run_state.get("inflight", {})
+        rollouts = checkpoint.load_extra(path, inflight_name(place)) if place.owns_engine and versions else {}
+        ahead.restore({int(s): (rollouts.get(int(s)), v) for s, v in versions.items()})
+    return ahead
+
+
+def inflight_name(place: Placement) -> str:
+    return f"inflight_dp{place.dp_rank}"
+
+
+def train_one(step, policy, engine, task, fmt, cfg, metrics, out_dir, place, ahead, flops_args) -> list[dict]:
+    """One RL step with its logging, evaluation and checkpoint; returns the evaluation run after it, if any."""
+    params, scoring_passes, gpus, peak = flops_args
+    lead = place.owns_engine and place.dp_rank == 0
+    t0 = time.perf_counter()
+    values = rl_step(step, policy, engine, task, fmt, cfg, metrics, place, ahead)
+    step_s = time.perf_counter() - t0
+    lengths = values.pop("response/lengths")
+    values.update(dashboards.step_throughput(values, metrics.times, step_s, params, cfg.algo.ppo_epochs,
+                                             scoring_passes, place.dp_size, gpus, peak))
+    generating = metrics.times.get("rollout", 0.0) + metrics.times.get("reward", 0.0)
+    # idle: waiting for rollouts (under overlap, less the weight sync that happens inside the wait)
+    waiting = metrics.times.get("rollout_wait", 0.0) - metrics.times.get("sync", 0.0) if ahead is not None \
+        else generating
+    values["overlap/trainer_idle_fraction"] = min(max(waiting, 0.0) / step_s, 1.0)
+    values["overlap/engine_idle_fraction"] = max(1.0 - generating / step_s, 0.0)
+    metrics.log(step, values)
+    metrics.histogram("response/length", lengths, step)
+    last = step == cfg.train.steps - 1
+    evaluate_now = cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and not last
+    if ahead is not None and (evaluate_now or last):  # evaluations (and the final one) see the newest weights
+        ahead.settle(step + 1)
+    evals = [run_eval(step, engine, task, fmt, cfg, metrics)] if lead and evaluate_now else []
+    keep = cfg.train.keep_checkpoints
+    if keep and (cfg.train.save_every and (step + 1) % cfg.train.save_every == 0 or last):
+        inflight = ahead.inflight() if ahead is not None else {}  # waits for the generations in flight
+        extras = {inflight_name(place): {s: ro for s, (ro, _) in inflight.items()}} \
+            if inflight and place.owns_engine else {}
+        checkpoint.save(policy, out_dir / "checkpoints", step + 1,
+                        {"phase": "rl", "inflight": {str(s): v for s, (_, v) in inflight.items()}}, keep, extras)
+    if last and cfg.train.export_final:
+        policy.export(out_dir / "model", task.tokenizer, dtype=getattr(torch, cfg.model.params_dtype))
     return evals
 
 
