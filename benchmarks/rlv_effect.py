@@ -5,6 +5,7 @@
 Prints each run, the bar of issue #3 with pass/fail, and last the path of a JSON with the seed means
 (RL^V keys as in the recipe's metrics.json; the base arm's as base_<key>).
 Usage: python benchmarks/rlv_effect.py [--steps 100] [--problems 500] [--seeds 0 1] [--out runs/rlv_effect]
+       [--set rollout.mode=overlap ...]   (overrides for both RL arms)
 """
 
 import argparse
@@ -45,6 +46,7 @@ def main() -> None:
     ap.add_argument("--problems", type=int, default=500)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--out", default="runs/rlv_effect")
+    ap.add_argument("--set", action="append", default=[], help="a config override for both RL arms")
     args = ap.parse_args()
     out = Path(args.out).resolve()
     ev = [f"eval.num_problems={args.problems}"]
@@ -57,12 +59,13 @@ def main() -> None:
         for seed in args.seeds:
             rows.append(run(out / f"lam{lam:g}_seed{seed}", f"model.path={out / 'warm_start' / 'start'}",
                             "sft.steps=0", f"verifier.lam={lam}", f"train.seed={seed}", f"train.steps={args.steps}",
-                            *ev))
+                            *ev, *args.set))
             print(f"lambda={lam:g} seed={seed}:", json.dumps({k: round(rows[-1][k], 3) for k in KEYS}))
         arms[lam] = mean(rows)
     rlv, base = arms[1.0], arms[0.0]
     result = {**rlv, **{f"base_{k}": v for k, v in base.items()},
-              "warm_start": warm, "runs": {"seeds": args.seeds, "steps": args.steps, "problems": args.problems}}
+              "warm_start": warm, "runs": {"seeds": args.seeds, "steps": args.steps, "problems": args.problems,
+                                     "overrides": args.set}}
     checks = {
         "weighted@16 >= majority@16 + 3 points": rlv["weighted@16"] >= rlv["majority@16"] + 0.03,
         "within-prompt AUC >= 0.75": rlv["verifier_auc_within_prompt"] >= 0.75,
