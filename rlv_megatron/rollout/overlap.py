@@ -57,9 +57,7 @@ class RolloutsAhead:
     def settle(self, version: int) -> None:
         """Wait for the generations in flight (their results stay pending), then give the engine the
         trainer's weights, `version` (before an evaluation, and after the last step)."""
-        for future, _ in self.pending.values():
-            if future is not None:
-                future.result()
+        self.inflight()  # waits for every pending generation
         if self.engine_version != version:
             self.sync()
             self.engine_version = version
