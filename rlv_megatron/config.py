@@ -70,6 +70,11 @@ class RolloutConfig:
     # cpu_threads_bind=all then splits the cores: the engine the second half, the trainer the first
     mode: str = "sync"
     max_staleness: int = 1  # overlap: the most RL updates a trained sample's weights may lag behind
+    # partial rollouts (rollout/partial.py; needs algo.tis_cap), 0 = off: a generation round continues every
+    # unfinished sample by at most this many tokens, and a step runs rounds until algo.prompts_per_step groups
+    # are complete; unfinished groups continue in later steps, with newer weights
+    max_step_tokens: int = 0
+    partial_spare_groups: int = 8  # partial rollouts: groups in progress beyond algo.prompts_per_step
 
 
 @dataclass
@@ -343,6 +348,12 @@ def validate(cfg: Config, arch=None) -> None:
         if cfg.algo.tis_cap is None:
             raise ConfigError("algo.tis_cap=null with rollout.mode=overlap: samples of older weights need the "
                               "truncated importance-sampling correction (e.g. algo.tis_cap=2.0)")
+    if cfg.rollout.max_step_tokens < 0 or cfg.rollout.partial_spare_groups < 0:
+        raise ConfigError(f"rollout.max_step_tokens={cfg.rollout.max_step_tokens}, rollout.partial_spare_groups="
+                          f"{cfg.rollout.partial_spare_groups}: must be >= 0")
+    if cfg.rollout.max_step_tokens and cfg.algo.tis_cap is None:
+        raise ConfigError("algo.tis_cap=null with rollout.max_step_tokens > 0: tokens continued by newer weights "
+                          "need the truncated importance-sampling correction (e.g. algo.tis_cap=2.0)")
     if cfg.train.keep_checkpoints < 0:
         raise ConfigError(f"train.keep_checkpoints={cfg.train.keep_checkpoints}: must be >= 0")
     if not cfg.train.logprob_chunk_mb > 0:

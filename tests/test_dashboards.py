@@ -46,7 +46,7 @@ def test_loop_logs_throughput_of_each_step(monkeypatch, tmp_path):
     from rlv_megatron.plan import PRESETS, total_params
     from rlv_megatron.train import loop
 
-    def fake_step(step, policy, engine, task, fmt, cfg, metrics, place, ahead=None):
+    def fake_step(step, policy, engine, task, fmt, cfg, metrics, place, ahead=None, pool=None):
         metrics.times.update(rollout=4.0, reward=0.5, train=2.0, sync=1.0)
         return {"throughput/rollout_tokens": 9_000, "throughput/generated_tokens": 6_000,
                 "throughput/sequence_tokens": 10_000, "sync/gb": 1.5, "sync/seconds": 0.75,

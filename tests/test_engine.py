@@ -92,11 +92,40 @@ def _scenario(model_dir):
             second = int(probs.argsort()[-2])  # renormalised over {most likely, second}: both in the top-k
             out["score_two_way"] += engine.score_yes([p], likely, second)
             out["two_way_megatron"].append((probs[likely] / (probs[likely] + probs[second])).item())
+        out["partial"] = _partial_across_a_sync(engine, chunks, opt, arch, prompts)
         out["vocab"] = arch.vocab_size
         out["hf_tensors"] = len(HFCheckpoint(model_dir).weight_map)
     finally:
         engine.close()
     return out
+
+
+def _partial_across_a_sync(engine, chunks, opt, arch, prompts):
+    """Partial rollouts, 4 tokens a round: round 0 by the current weights (version 1), then an optimizer step
+    and a sync (version 2), rounds 1 and 2 continue the same samples. Returns the samples and Megatron's
+    log-probs of their tokens under both versions."""
+    from rlv_megatron.models.convert import iter_hf_tensors
+    from rlv_megatron.rollout.partial import PartialRollouts
+
+    pool = PartialRollouts(4, seed=0)
+    pool.admit(0, [None] * len(prompts), prompts, 0, 2)
+    pool.advance(0, 0, 1, engine, MAX_TOKENS, 0, stop_token_ids=[STOP])
+    v1 = [p.detach().clone() for p in chunks[0].parameters()]
+    tokens = torch.tensor([prompts[0] * 3])
+    logits = chunks[0](tokens, torch.arange(tokens.shape[1])[None], None)[0, :, :arch.vocab_size]
+    torch.nn.functional.cross_entropy(logits[:-1], tokens[0, 1:]).backward()
+    opt.step()
+    engine.update_weights(iter_hf_tensors(chunks, arch))
+    for rnd in (1, 2):
+        pool.advance(1, rnd, 2, engine, MAX_TOKENS, 0, stop_token_ids=[STOP])
+    groups = pool.take(len(prompts))  # 3 rounds of 4 = MAX_TOKENS: every sample is finished
+    full = [[g.prompt + d.tokens for d in g.drafts] for g in groups]
+    ref = {2: [[_megatron_logprobs(chunks, s, arch.vocab_size) for s in seqs] for seqs in full]}
+    with torch.no_grad():
+        for p, old in zip(chunks[0].parameters(), v1):
+            p.copy_(old)
+    ref[1] = [[_megatron_logprobs(chunks, s, arch.vocab_size) for s in seqs] for seqs in full]
+    return [[d.sample() for d in g.drafts] for g in groups], ref
 
 
 @pytest.fixture(scope="module", params=["qwen2", "llama_tied"])
@@ -163,3 +192,23 @@ def test_score_yes_is_p_yes(scenario):
     assert scenario["score_unlikely"] == [0.0] * len(scenario["prompts"])  # outside the top-k: 0 by definition
     for got, ref, raw in zip(scenario["score_two_way"], scenario["two_way_megatron"], scenario["score_yes"]):
         assert got == pytest.approx(ref, rel=1e-4) and got > raw
+
+
+def test_partial_rollouts_continue_samples_and_mark_each_tokens_weights(scenario):
+    """A sample continued after a weight sync: each token's engine log-prob is the one of the weights its
+    version names (what the importance-sampling correction divides by), and the sample is one whole sample."""
+    samples, ref = scenario["partial"]
+    spans_both, version_gap = 0, 0.0
+    for i, (prompt, group) in enumerate(zip(scenario["prompts"], samples)):
+        for j, s in enumerate(group):
+            assert s.finish_reason in ("stop", "length") and 1 <= len(s.token_ids) <= MAX_TOKENS
+            assert STOP not in s.token_ids[:-1] and (s.finish_reason == "length") == (s.token_ids[-1] != STOP)
+            assert len(s.versions) == len(s.logprobs) == len(s.token_ids)
+            assert s.versions == sorted(s.versions) and s.versions[:4] == [1] * min(4, len(s.token_ids))
+            spans_both += len(set(s.versions)) == 2
+            first = len(prompt) - 1
+            for t, (lp, v) in enumerate(zip(s.logprobs, s.versions)):
+                assert abs(lp - ref[v][i][j][first + t].item()) < TOL, (i, j, t, v)
+                version_gap = max(version_gap, abs(lp - ref[3 - v][i][j][first + t].item()))
+    assert spans_both > 0  # some sample really was continued by the newer weights
+    assert version_gap > 100 * TOL  # and the two versions' log-probs differ: the check can fail

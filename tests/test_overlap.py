@@ -15,7 +15,8 @@ class FakeEngine:
     def __init__(self):
         self.weights, self.busy, self.log = 0, threading.Event(), []
 
-    def collect(self, step):
+    def collect(self, step, version):
+        assert version == self.weights, "the version a generation is booked under is the engine's"
         self.busy.set()
         time.sleep(0.01)
         self.busy.clear()

@@ -33,6 +33,7 @@ class Sample:
     token_ids: list[int]
     logprobs: list[float]  # log-prob of each sampled token under the sampling distribution
     finish_reason: str  # "stop" (stop token / EOS) or "length"
+    versions: list[int] | None = None  # partial rollouts: the weight version that sampled each token
 
 
 @dataclass
@@ -97,15 +98,20 @@ class VLLMEngine:
         return SamplingParams(detokenize=False, **kw)
 
     def generate(self, prompts: Sequence[Sequence[int]], n: int = 1, temperature: float = 1.0,
-                 top_p: float = 1.0, max_tokens: int = 256, stop_token_ids: Sequence[int] = (),
-                 seeds: Sequence[int | None] | None = None, min_tokens: int = 0) -> list[list[Sample]]:
+                 top_p: float = 1.0, max_tokens: int | Sequence[int] = 256, stop_token_ids: Sequence[int] = (),
+                 seeds: Sequence[int | None] | None = None, min_tokens: int | Sequence[int] = 0
+                 ) -> list[list[Sample]]:
         """n samples per prompt; `seeds[i]` makes prompt i's samples reproducible; stop tokens do not end a
-        sample before `min_tokens` (= max_tokens: every sample is max_tokens long)."""
-        if seeds is not None and len(seeds) != len(prompts):
-            raise ValueError(f"seeds has {len(seeds)} entries for {len(prompts)} prompts")
-        params = [self._params(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
-                               stop_token_ids=list(stop_token_ids), logprobs=0, min_tokens=min_tokens,
-                               seed=None if seeds is None else seeds[i])
+        sample before `min_tokens` (= max_tokens: every sample is max_tokens long). max_tokens and
+        min_tokens are one value, or one per prompt (partial rollouts continue samples of different lengths)."""
+        per_prompt = {"seeds": seeds, "max_tokens": max_tokens, "min_tokens": min_tokens}
+        for name, value in per_prompt.items():
+            if isinstance(value, Sequence) and len(value) != len(prompts):
+                raise ValueError(f"{name} has {len(value)} entries for {len(prompts)} prompts")
+        at = lambda value, i: value[i] if isinstance(value, Sequence) else value  # noqa: E731
+        params = [self._params(n=n, temperature=temperature, top_p=top_p, max_tokens=at(max_tokens, i),
+                               stop_token_ids=list(stop_token_ids), logprobs=0, min_tokens=at(min_tokens, i),
+                               seed=at(seeds, i))
                   for i in range(len(prompts))]
         outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
         result = []

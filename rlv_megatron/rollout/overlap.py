@@ -24,7 +24,7 @@ from typing import Callable
 class RolloutsAhead:
     def __init__(self, collect: Callable, sync: Callable, staleness: int, last_step: int, engine_version: int,
                  owns_engine: bool):
-        """collect(step) -> that step's rollouts (engine rank); sync() -> its statistics (collective on every
+        """collect(step, version) -> that step's rollouts by weights `version` (engine rank); sync() -> its statistics (collective on every
         rank). `engine_version`: the weights the engine starts with; `last_step`: nothing is queued past it."""
         if staleness < 1:
             raise ValueError(f"rollout.max_staleness={staleness}: overlap needs at least 1")
@@ -51,7 +51,7 @@ class RolloutsAhead:
         return rollouts, version, sync
 
     def _queue(self, step: int) -> None:
-        future = self.pool.submit(self.collect, step) if self.owns_engine else None
+        future = self.pool.submit(self.collect, step, self.engine_version) if self.owns_engine else None
         self.pending[step] = (future, self.engine_version)
 
     def settle(self, version: int) -> None:

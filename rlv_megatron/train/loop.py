@@ -16,6 +16,7 @@ from rlv_megatron import dashboards
 from rlv_megatron.algos.advantages import compute_advantages, informative_groups
 from rlv_megatron.dashboards import Metrics
 from rlv_megatron.rollout.overlap import RolloutsAhead
+from rlv_megatron.rollout.partial import PartialRollouts, partial_groups
 from rlv_megatron.rollout.placement import Placement, dp_mean, my_share, share_from_engine
 from rlv_megatron.rollout.weight_stream import stream_weights
 from rlv_megatron.eval.equivalence import AnswerKeys
@@ -39,18 +40,18 @@ class Rollouts:
     times: dict  # seconds per phase (rollout, reward) of the generation
 
 
-def collect_rollouts(step, engine, task, fmt, cfg, place: Placement) -> Rollouts:
-    """rollout -> reward -> advantages -> verifier batch, for this replica's prompts (engine rank only)."""
+def collect_rollouts(step, engine, task, fmt, cfg, place: Placement, version: int | None = None,
+                     pool: PartialRollouts | None = None) -> Rollouts:
+    """rollout -> reward -> advantages -> verifier batch, for this replica's prompts (engine rank only), by
+    the engine's weights `version` (the step's own when None); `pool`: partial rollouts (rollout/partial.py)."""
     a = cfg.algo
+    version = step if version is None else version
     metrics = Metrics(None)  # its own phase times: under overlap it runs beside the step that trains
     with metrics.timer("rollout"):
-        problems = task.sample_train(a.prompts_per_step, seed=step_seed(cfg.train.seed, step, 0))
-        first = place.dp_rank * (a.prompts_per_step // place.dp_size)  # global index of my first prompt
-        problems = my_share(problems, place)
-        prompts = [fmt.prompt_ids(p.prompt) for p in problems]
-        outs = engine.generate(prompts, n=a.group_size, temperature=a.temperature, top_p=a.top_p,
-                               max_tokens=a.max_tokens, min_tokens=a.min_tokens, stop_token_ids=[fmt.eos_id],
-                               seeds=[step_seed(cfg.train.seed, step, first + i) for i in range(len(prompts))])
+        if pool is not None:
+            problems, prompts, outs, gen_stats = partial_groups(step, version, pool, engine, task, fmt, cfg, place)
+        else:
+            problems, prompts, outs, gen_stats = whole_groups(step, engine, task, fmt, cfg, place)
     flat = [(i, s) for i, group in enumerate(outs) for s in group]
     with metrics.timer("reward"):
         texts = [fmt.decode(s.token_ids) for _, s in flat]
@@ -64,21 +65,39 @@ def collect_rollouts(step, engine, task, fmt, cfg, place: Placement) -> Rollouts
                             task.tokenizer.pad_token_id, rollout_logps=[s.logprobs for _, s in flat],
                             verify_turn=cfg.verifier.lam > 0 or cfg.verifier.monitor)
     lengths = [len(s.token_ids) for _, s in flat]
-    stats = {"grader/timeouts": grade_stats.get("timeouts", 0), "grader/errors": grade_stats.get("errors", 0),
+    lags = [step - v for _, s in flat for v in (s.versions or [version] * len(s.token_ids))]
+    stats = {**gen_stats, "rollout/token_lag_mean": sum(lags) / max(len(lags), 1),
+             "rollout/token_lag_max": max(lags, default=0),
+             "grader/timeouts": grade_stats.get("timeouts", 0), "grader/errors": grade_stats.get("errors", 0),
              "response/length_mean": sum(lengths) / len(lengths), "response/length_max": max(lengths),
+             "response/length_min": min(lengths),
              "response/truncated_fraction": sum(s.finish_reason == "length" for _, s in flat) / len(flat),
              "throughput/generated_tokens": sum(lengths),
              "throughput/rollout_tokens": sum(lengths) + sum(len(p) for p in prompts) * a.group_size}
     return Rollouts(batch, r, group_ids, stats, dict(metrics.times))
 
 
+def whole_groups(step, engine, task, fmt, cfg, place: Placement):
+    """The step's prompts, each sample generated to its end: (problems, prompt ids, samples per prompt, {})."""
+    a = cfg.algo
+    problems = task.sample_train(a.prompts_per_step, seed=step_seed(cfg.train.seed, step, 0))
+    first = place.dp_rank * (a.prompts_per_step // place.dp_size)  # global index of my first prompt
+    problems = my_share(problems, place)
+    prompts = [fmt.prompt_ids(p.prompt) for p in problems]
+    outs = engine.generate(prompts, n=a.group_size, temperature=a.temperature, top_p=a.top_p,
+                           max_tokens=a.max_tokens, min_tokens=a.min_tokens, stop_token_ids=[fmt.eos_id],
+                           seeds=[step_seed(cfg.train.seed, step, first + i) for i in range(len(prompts))])
+    return problems, prompts, outs, {}
+
+
 def rl_step(step, policy, engine, task, fmt, cfg, metrics, place: Placement = Placement(),
-            ahead: RolloutsAhead | None = None) -> dict:
+            ahead: RolloutsAhead | None = None, pool: PartialRollouts | None = None) -> dict:
     """One step; `ahead` (rollout.mode=overlap): the rollouts were generated earlier, by weights `lag`
-    updates older, and weights reach the engine at the start of a step (in `ahead.take`), not the end."""
+    updates older, and weights reach the engine at the start of a step (in `ahead.take`), not the end;
+    `pool` (sync mode): the partial rollouts in progress (under overlap, `ahead` holds it)."""
     a = cfg.algo
     if ahead is None:
-        ro = collect_rollouts(step, engine, task, fmt, cfg, place) if place.owns_engine else None
+        ro = collect_rollouts(step, engine, task, fmt, cfg, place, pool=pool) if place.owns_engine else None
         version, sync = step, None
     else:
         with metrics.timer("rollout_wait"):  # the trainer idle, waiting for the generation (and the sync)
@@ -169,11 +188,12 @@ def train(policy, engine, task, fmt, cfg, metrics, out_dir: Path, start_step: in
     peak = dashboards.peak_tflops(torch.cuda.get_device_name() if torch.cuda.is_available() else None)
     params = total_params(policy.arch)
     scoring_passes = (not old_logprobs_from_forward(cfg.algo)) + (policy.reference is not None)
-    ahead = start_overlap(policy, engine, task, fmt, cfg, place, start_step, metrics, resumed)
+    pool = partial_pool(cfg, place, resumed)
+    ahead = start_overlap(policy, engine, task, fmt, cfg, place, start_step, metrics, resumed, pool)
     try:
         for step in tqdm(range(start_step, cfg.train.steps), desc="rl", mininterval=5,
                          initial=start_step, total=cfg.train.steps, disable=not lead):
-            evals += train_one(step, policy, engine, task, fmt, cfg, metrics, out_dir, place, ahead,
+            evals += train_one(step, policy, engine, task, fmt, cfg, metrics, out_dir, place, (ahead, pool),
                                (params, scoring_passes, gpus, peak))
     finally:
         if ahead is not None:
@@ -181,7 +201,19 @@ def train(policy, engine, task, fmt, cfg, metrics, out_dir: Path, start_step: in
     return evals
 
 
-def start_overlap(policy, engine, task, fmt, cfg, place, start_step, metrics, resumed) -> RolloutsAhead | None:
+def partial_pool(cfg, place: Placement, resumed) -> PartialRollouts | None:
+    """rollout.max_step_tokens > 0: the engine rank's pool of groups in progress, as the checkpoint resumed
+    from left it."""
+    if not cfg.rollout.max_step_tokens or not place.owns_engine:
+        return None
+    pool = PartialRollouts(cfg.rollout.max_step_tokens, cfg.train.seed)
+    if resumed is not None and resumed[1].get("partial_pool"):
+        pool.load(checkpoint.load_extra(resumed[0], pool_name(place)))
+    return pool
+
+
+def start_overlap(policy, engine, task, fmt, cfg, place, start_step, metrics, resumed,
+                  pool: PartialRollouts | None = None) -> RolloutsAhead | None:
     """rollout.mode=overlap: the generator of rollouts ahead (its pending steps restored from the checkpoint
     resumed from), and on CPU the trainer on the cores the engine does not take (config.engine_cores)."""
     if cfg.rollout.mode != "overlap":
@@ -194,7 +226,7 @@ def start_overlap(policy, engine, task, fmt, cfg, place, start_step, metrics, re
         mine = sorted(set(usable_cores()) - set(engine_cores(cfg.rollout))) or usable_cores()
         os.sched_setaffinity(0, mine)
         torch.set_num_threads(max(len(mine) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1))
-    ahead = RolloutsAhead(lambda step: collect_rollouts(step, engine, task, fmt, cfg, place),
+    ahead = RolloutsAhead(lambda step, version: collect_rollouts(step, engine, task, fmt, cfg, place, version, pool),
                           lambda: sync_weights(policy, engine, place, metrics), cfg.rollout.max_staleness,
                           cfg.train.steps - 1, start_step, place.owns_engine)
     if resumed is not None:
@@ -209,12 +241,18 @@ def inflight_name(place: Placement) -> str:
     return f"inflight_dp{place.dp_rank}"
 
 
-def train_one(step, policy, engine, task, fmt, cfg, metrics, out_dir, place, ahead, flops_args) -> list[dict]:
-    """One RL step with its logging, evaluation and checkpoint; returns the evaluation run after it, if any."""
+def pool_name(place: Placement) -> str:
+    return f"partial_dp{place.dp_rank}"
+
+
+def train_one(step, policy, engine, task, fmt, cfg, metrics, out_dir, place, sources, flops_args) -> list[dict]:
+    """One RL step with its logging, evaluation and checkpoint; returns the evaluation run after it, if any.
+    `sources`: (rollouts ahead under overlap, partial-rollout pool), either None."""
     params, scoring_passes, gpus, peak = flops_args
+    ahead, pool = sources
     lead = place.owns_engine and place.dp_rank == 0
     t0 = time.perf_counter()
-    values = rl_step(step, policy, engine, task, fmt, cfg, metrics, place, ahead)
+    values = rl_step(step, policy, engine, task, fmt, cfg, metrics, place, ahead, None if ahead else pool)
     step_s = time.perf_counter() - t0
     lengths = values.pop("response/lengths")
     values.update(dashboards.step_throughput(values, metrics.times, step_s, params, cfg.algo.ppo_epochs,
@@ -237,8 +275,11 @@ def train_one(step, policy, engine, task, fmt, cfg, metrics, out_dir, place, ahe
         inflight = ahead.inflight() if ahead is not None else {}  # waits for the generations in flight
         extras = {inflight_name(place): {s: ro for s, (ro, _) in inflight.items()}} \
             if inflight and place.owns_engine else {}
+        if pool is not None:  # after the wait: no generation is changing it
+            extras[pool_name(place)] = pool.state()
         checkpoint.save(policy, out_dir / "checkpoints", step + 1,
-                        {"phase": "rl", "inflight": {str(s): v for s, (_, v) in inflight.items()}}, keep, extras)
+                        {"phase": "rl", "inflight": {str(s): v for s, (_, v) in inflight.items()},
+                         "partial_pool": bool(cfg.rollout.max_step_tokens)}, keep, extras)
     if last and cfg.train.export_final:
         policy.export(out_dir / "model", task.tokenizer, dtype=getattr(torch, cfg.model.params_dtype))
     return evals
