@@ -10,6 +10,17 @@ from tests.distributed import run_distributed
 pytestmark = pytest.mark.slow
 
 
+class CallOrder:
+    """The engine, with a log of the loop's calls to it."""
+
+    def __init__(self, engine):
+        self.engine, self.calls = engine, []
+
+    def __getattr__(self, name):
+        self.calls.append(name)
+        return getattr(self.engine, name)
+
+
 def _two_steps(out_dir):
     from rlv_megatron.config import Config
     from rlv_megatron.dashboards import Metrics
@@ -40,6 +51,7 @@ def _two_steps(out_dir):
             logits = policy.model(t, torch.arange(len(seq))[None], None)[0, :, :policy.vocab]
             return torch.log_softmax(logits, -1)[:-1].gather(-1, t[0, 1:, None])[:, 0]
 
+    engine = CallOrder(engine)
     try:
         before = {n: p.detach().clone() for n, p in policy.model.named_parameters()}
         engine_before = torch.tensor(engine.prompt_logprobs([seq])[0])
@@ -47,7 +59,7 @@ def _two_steps(out_dir):
         steps = [rl_step(s, policy, engine, task, fmt, cfg, metrics) for s in range(2)]
         moved = max((p.detach() - before[n]).abs().max().item() for n, p in policy.model.named_parameters())
         engine_after = torch.tensor(engine.prompt_logprobs([seq])[0])
-        return {"steps": steps, "moved": moved, "engine_change": (engine_after - engine_before).abs().max().item(),
+        return {"calls": engine.calls, "steps": steps, "moved": moved, "engine_change": (engine_after - engine_before).abs().max().item(),
                 "engine_vs_megatron": (engine_after - megatron_lp()).abs().max().item()}
     finally:
         engine.close()
@@ -60,6 +72,9 @@ def test_two_rl_steps_change_loss_weights_and_engine(tmp_path):
             assert math.isfinite(s[key]), key
         assert s["loss/verifier"] > 0.1  # an untrained verifier is far from certain
         assert 0.0 <= s["reward/mean"] <= 1.0 and s["sync/seconds"] > 0
+    # sleep mode's order: the engine sleeps through training, is woken for the sync, then generates again
+    steps = ["generate", "sleep", "wake_up", "update_weights"] * 2
+    assert out["calls"] == ["prompt_logprobs", *steps, "prompt_logprobs", "close"]
     assert out["steps"][0]["policy/kl_to_reference"] == 0.0  # the first update starts at the reference
     assert out["steps"][1]["policy/kl_to_reference"] > 0.0
     assert out["moved"] > 1e-5

@@ -89,6 +89,7 @@ class VLLMEngine:
             kwargs.update(enable_chunked_prefill=False)
         self.llm = LLM(**kwargs)
         self._buffer = None
+        self._asleep = False
 
     # ---- sampling -------------------------------------------------------------------------------
 
@@ -195,12 +196,15 @@ class VLLMEngine:
     # ---- memory (GPU sleep mode) ----------------------------------------------------------------
 
     def sleep(self) -> None:
-        if self.cfg.enable_sleep_mode:
+        """Free the engine's GPU memory (weights to host, KV cache dropped) while the trainer trains."""
+        if self.cfg.enable_sleep_mode and self.on_gpu and not self._asleep:
             self.llm.sleep(level=1)
+            self._asleep = True
 
     def wake_up(self) -> None:
-        if self.cfg.enable_sleep_mode:
+        if self._asleep:
             self.llm.wake_up()
+            self._asleep = False
 
     def close(self) -> None:
         if self._buffer is not None:

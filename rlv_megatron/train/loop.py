@@ -99,6 +99,8 @@ def rl_step(step, policy, engine, task, fmt, cfg, metrics, place: Placement = Pl
     if ahead is None:
         ro = collect_rollouts(step, engine, task, fmt, cfg, place, pool=pool) if place.owns_engine else None
         version, sync = step, None
+        if place.owns_engine:
+            engine.sleep()  # rollout.enable_sleep_mode: its GPU memory is training's until the sync wakes it
     else:
         with metrics.timer("rollout_wait"):  # the trainer idle, waiting for the generation (and the sync)
             ro, version, sync = ahead.take(step)
@@ -154,6 +156,8 @@ def rl_step(step, policy, engine, task, fmt, cfg, metrics, place: Placement = Pl
 def sync_weights(policy, engine, place: Placement, metrics) -> dict:
     """The trainer's weights to the engine (collective over the model-parallel group)."""
     with metrics.timer("sync"):
+        if place.owns_engine:
+            engine.wake_up()  # asleep during a sync-mode step's training (rollout.enable_sleep_mode)
         weights = stream_weights(policy, place)
         if not place.owns_engine:
             drain(weights)
