@@ -56,6 +56,18 @@ def init_process_group(env: LaunchEnv | None = None) -> LaunchEnv:
     return env
 
 
+def all_reduce_host(t: torch.Tensor, group=None, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """In-place all_reduce of a host (CPU) tensor on any backend: NCCL reduces only GPU tensors, so there it
+    goes through the current device and back. Returns `t`."""
+    if dist.get_backend(group) == "nccl":
+        on_device = t.cuda()
+        dist.all_reduce(on_device, op=op, group=group)
+        t.copy_(on_device.cpu())
+    else:
+        dist.all_reduce(t, op=op, group=group)
+    return t
+
+
 def init_megatron(par: ParallelConfig, seed: int = 1234, env: LaunchEnv | None = None) -> LaunchEnv:
     """Process group + CPU patches (when no GPU) + megatron parallel state + model-parallel RNG."""
     from megatron.core import parallel_state as ps

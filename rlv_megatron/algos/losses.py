@@ -4,6 +4,10 @@
     policy_t     = -min(ratio_t A, clip(ratio_t, 1 - eps_low, 1 + eps_high) A)          (PPO-clip)
     tis_t        = min(exp(old_logp_t - rollout_logp_t), C)   detached; truncated importance weight for
                    the mismatch between the trainer and the sampling engine (off when C is None)
+    policy_t x tis_t is the decoupled objective of off-policy PPO (Hilton et al. 2021; AReaL) for stale and
+                   partial rollouts: the clip is relative to the proximal policy (old_logp, the trainer's weights
+                   at the step's start), the behaviour policy (rollout_logp, the weights that sampled each
+                   token) enters only through the importance weight, truncated at C (C = inf: untruncated)
     kl_t         = exp(ref_t - logp_t) - (ref_t - logp_t) - 1                          (k3, coefficient beta)
     verifier     = CE(answer token | prompt, solution, question): full vocabulary, or two-way Yes/No
 Aggregation over the mask: token_mean (all tokens of the batch equal), seq_mean (each sequence equal),
@@ -35,7 +39,9 @@ class Totals:
     def of(mask: torch.Tensor, dp_group=None) -> "Totals":
         t = torch.tensor([mask.sum(), mask.shape[0], (mask.sum(-1) > 0).sum()], dtype=torch.float64)
         if dp_group is not None and torch.distributed.get_world_size(dp_group) > 1:
-            torch.distributed.all_reduce(t, group=dp_group)
+            from rlv_megatron.dist import all_reduce_host
+
+            all_reduce_host(t, dp_group)  # host counts: under NCCL through the GPU
         return Totals(*t.tolist())
 
 

@@ -63,10 +63,12 @@ def dp_mean(values: dict, place: Placement) -> dict:
     averaged over those that have it). Collective over the engine ranks' data-parallel group."""
     from megatron.core import parallel_state as ps
 
+    from rlv_megatron.dist import all_reduce_host
+
     if place.dp_size == 1:
         return values
     keys = sorted(values)
     t = torch.tensor([[0.0 if values[k] is None else float(values[k]), values[k] is not None] for k in keys],
                      dtype=torch.float64)
-    dist.all_reduce(t, group=ps.get_data_parallel_group())
+    all_reduce_host(t, ps.get_data_parallel_group())  # host statistics (NCCL: through the GPU)
     return {k: (s / n if n else None) for k, (s, n) in zip(keys, t.tolist())}

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from rlv_megatron.algos.losses import Totals, aggregation_weights, ppo_terms, verifier_ce
+from rlv_megatron.dist import all_reduce_host
 from rlv_megatron.models.rope import rope_positions
 from rlv_megatron.train.heads import make_head
 from rlv_megatron.train.packing import MicroBatch, micro_batches, scatter_back
@@ -60,7 +61,7 @@ def base_fields(batch: SequenceBatch, dp_group=None) -> dict[str, torch.Tensor]:
     verify_w = torch.zeros_like(fields["answer"])
     total = batch.verify_weight.sum()
     if dp_group is not None and dist.get_world_size(dp_group) > 1:
-        dist.all_reduce(total, group=dp_group)
+        all_reduce_host(total, dp_group)
     verify_w[torch.arange(len(batch)), batch.verify_pos] = batch.verify_weight / total.clamp(min=1)
     resp = batch.response_mask.float()
     return {**fields, "verify_w": verify_w,
@@ -169,7 +170,7 @@ def reduce_stats(values: list[dict] | None, keys: tuple[str, ...], dp_group, pp_
         t += torch.stack([v[k].detach().double().cpu() for k in keys])
     for g in (pp_group, dp_group):
         if g is not None and dist.get_world_size(g) > 1:
-            dist.all_reduce(t, group=g)
+            all_reduce_host(t, g)
     return dict(zip(keys, t.tolist()))
 
 
