@@ -54,7 +54,7 @@ class RolloutConfig:
     weight_bucket_mb: int = 256  # bytes per weight-sync bucket (bounds the extra memory of a sync)
     transport: str = "auto"  # auto | shm | cuda_ipc
     shm_dir: str = "/dev/shm"  # where CPU weight-sync buckets are staged
-    enable_sleep_mode: bool = False  # GPU only: free engine memory during training
+    enable_sleep_mode: bool = False  # GPU only: free engine memory during training (sync mode)
     enforce_eager: bool = True  # no CUDA graphs in vLLM (faster start; false for throughput on GPU)
     seed: int = 0  # the engine's sampling seed (requests carry per-prompt seeds too)
     # "processed_logprobs": log-probs of the distribution actually sampled from (after temperature/top-p);
@@ -345,6 +345,9 @@ def validate(cfg: Config, arch=None) -> None:
     if cfg.rollout.mode == "overlap":
         if cfg.rollout.max_staleness < 1:
             raise ConfigError(f"rollout.max_staleness={cfg.rollout.max_staleness}: rollout.mode=overlap needs >= 1")
+        if cfg.rollout.enable_sleep_mode:
+            raise ConfigError("rollout.enable_sleep_mode=true with rollout.mode=overlap: the engine generates while "
+                              "the trainer trains, so its memory cannot be freed (the plan adds both)")
         if cfg.algo.tis_cap is None:
             raise ConfigError("algo.tis_cap=null with rollout.mode=overlap: samples of older weights need the "
                               "truncated importance-sampling correction (e.g. algo.tis_cap=2.0)")

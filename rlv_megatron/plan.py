@@ -16,7 +16,8 @@ schedule's in-flight micro-batches):
   engine       vLLM takes rollout.gpu_memory_utilization of the GPU: its weights (bf16 / rollout TP), the
                rest KV cache (2 x layers x kv_heads x head_dim x 2 bytes per token / rollout TP), which sets
                how many of the replica's sequences decode at once at full length; with sleep mode the engine's
-               memory is freed while training runs, so the peak is max(train, engine), else the sum
+               memory is freed while training runs, so the peak is max(train, engine), else the sum (always
+               the sum under rollout.mode=overlap: the engine generates while the trainer trains)
 Throughput: training at `mfu` of peak bf16 FLOPs with 6 x params FLOPs per token (8 with full recompute);
 decoding limited by memory bandwidth (each step reads the weights and the KV cache once).
 Validated against measured peak memory of small configs on CPU (tests/test_plan.py); the GPU figures
@@ -164,7 +165,9 @@ def estimate(cfg: Config, arch: ModelArch, device: Device, world_size: int, mfu:
         engine_weights = total_params(arch) * 2 / rtp
         kv_budget = max(reserve - engine_weights, 0.0)
         m["engine_weights"], m["engine_kv"] = engine_weights, kv_budget
-        plan.total = max(train_total, reserve) if ro.enable_sleep_mode else train_total + reserve
+        # overlap: the engine generates while the trainer trains, both resident (validate refuses sleep mode)
+        asleep_in_training = ro.enable_sleep_mode and ro.mode == "sync"
+        plan.total = max(train_total, reserve) if asleep_in_training else train_total + reserve
         if kv_budget == 0:
             plan.problems.append(f"rollout.gpu_memory_utilization={ro.gpu_memory_utilization}: the engine's "
                                  f"{reserve / GiB:.1f} GiB do not hold its {engine_weights / GiB:.1f} GiB of weights")
@@ -174,6 +177,13 @@ def estimate(cfg: Config, arch: ModelArch, device: Device, world_size: int, mfu:
         if in_flight < seqs:
             plan.notes.append(f"KV cache holds {in_flight:.0f} of the {seqs:.0f} sequences per engine at "
                               f"rollout.max_model_len={ro.max_model_len}: rollouts run in waves")
+        if ro.mode == "overlap":
+            plan.notes.append(f"rollout.mode=overlap: engine and trainer share each GPU at once (no sleep mode); "
+                              f"generation runs beside training, up to {ro.max_staleness} update(s) behind; the "
+                              f"tokens/s figures assume each has the GPU to itself (contention not modelled)")
+        if ro.max_step_tokens:
+            plan.notes.append(f"partial rollouts: a generation round gives a sample at most {ro.max_step_tokens} "
+                              f"tokens; {ro.partial_spare_groups} spare groups in progress beyond a step's")
         flops_token = (8 if par.recompute == "full" else 6) * total_params(arch)
         plan.throughput["train tokens/s (cluster)"] = mfu * device.bf16_tflops * 1e12 * world_size / flops_token
         if tr.share_prompts:

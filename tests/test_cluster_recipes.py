@@ -16,7 +16,8 @@ from rlv_megatron.tasks.math_data import load_math
 
 ROOT = Path(__file__).resolve().parents[1]
 # recipe -> (architecture preset, GPUs, the per-GPU GiB its header and docstring state)
-RECIPES = {"math_7b": ("qwen2.5-math-7b", 8, 48.0), "r1_32b": ("r1-distill-qwen-32b", 16, 56.0)}
+RECIPES = {"math_7b": ("qwen2.5-math-7b", 8, 48.0), "r1_32b": ("r1-distill-qwen-32b", 16, 56.0),
+           "math_7b_overlap": ("qwen2.5-math-7b", 8, 75.9), "r1_32b_overlap": ("r1-distill-qwen-32b", 16, 78.5)}
 METHODS = {"grpo_v": ("grpo", "token_mean"), "loo_ppo_v": ("rloo", "token_mean"),
            "dr_grpo_v": ("dr_grpo", "constant")}
 
@@ -34,6 +35,9 @@ def test_recipe_validates_and_fits_as_documented(recipe, method):
     assert p.total / plan.GiB == pytest.approx(gib, abs=0.05)
     header = (ROOT / "rlv_megatron" / "conf" / f"{recipe}.yaml").read_text()
     assert f"{gib:.1f} GiB of 80 per GPU" in header
+    if recipe.endswith("_overlap"):  # the overlapped variant: engine and trainer resident at once
+        assert cfg.rollout.mode == "overlap" and not cfg.rollout.enable_sleep_mode
+        assert p.total == pytest.approx(sum(p.memory.values()))
     assert cfg.algo.max_tokens < cfg.rollout.max_model_len
     assert len(load_math(cfg.task.eval_path)) == 500  # the datasets resolve (from the project's cache)
     assert len(load_math(cfg.task.train_path, skip_invalid=True)) == 7498
@@ -55,11 +59,14 @@ def test_data_and_model_locations_come_from_the_environment(monkeypatch, tmp_pat
 
 @pytest.mark.parametrize("recipe", list(RECIPES))
 def test_cfg_job_resolve_prints_the_resolved_config(recipe):
-    out = subprocess.run([sys.executable, str(ROOT / "recipes" / f"{recipe}.py"), "--cfg", "job", "--resolve",
+    app = recipe.removesuffix("_overlap")  # a variant: the recipe's app with --config-name
+    out = subprocess.run([sys.executable, str(ROOT / "recipes" / f"{app}.py"), "--cfg", "job", "--resolve",
+                          *(["--config-name", recipe] if recipe != app else []),
                           "method=loo_ppo_v", "train.steps=7"], capture_output=True, text=True, cwd=ROOT,
                          timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "advantage: rloo" in out.stdout and "steps: 7" in out.stdout
+    assert ("mode: overlap" in out.stdout) == (recipe != app)
     assert re.search(r"train_path: math/train\b", out.stdout)
     assert "${" not in out.stdout  # interpolations resolved
 

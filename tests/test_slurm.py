@@ -23,12 +23,17 @@ SHORT = ["sft.steps=0", "train.steps=4", "train.save_every=1", "eval.num_problem
 
 
 def test_batch_scripts_parse_and_launch_existing_recipes():
-    for script in ("tiny_cpu.sh", "math_7b.sh", "rlv_r1_32b.sh", "common.sh"):
+    for script in ("tiny_cpu.sh", "math_7b.sh", "rlv_r1_32b.sh", "math_7b_overlap.sh", "rlv_r1_32b_overlap.sh",
+                   "common.sh"):
         out = subprocess.run(["bash", "-n", str(ROOT / "slurm" / script)], capture_output=True, text=True)
         assert out.returncode == 0, (script, out.stderr)
-    for script, recipe in (("math_7b.sh", "recipes/math_7b.py"), ("rlv_r1_32b.sh", "recipes/r1_32b.py")):
+    for script, launch in (("math_7b.sh", "recipes/math_7b.py"), ("rlv_r1_32b.sh", "recipes/r1_32b.py"),
+                           ("math_7b_overlap.sh", "recipes/math_7b.py --config-name math_7b_overlap"),
+                           ("rlv_r1_32b_overlap.sh", "recipes/r1_32b.py --config-name r1_32b_overlap")):
         text = (ROOT / "slurm" / script).read_text()
-        assert f"launch_torchrun {recipe}" in text and (ROOT / recipe).exists()
+        recipe, _, config = launch.partition(" --config-name ")
+        assert f"launch_torchrun {launch} " in text and (ROOT / recipe).exists()
+        assert not config or (ROOT / "rlv_megatron" / "conf" / f"{config}.yaml").exists()
         assert "#SBATCH --requeue" in text and "#SBATCH --signal=B:USR1@" in text
 
 
