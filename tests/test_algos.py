@@ -76,6 +76,33 @@ def test_truncated_importance_weight_and_k3_kl():
     assert out.loss.item() == pytest.approx(0.1 * (math.exp(d) - d - 1))
 
 
+def test_off_policy_corrections_by_hand():
+    """algo.off_policy against its formula (algos/losses.py), one token, A = +1 and -1."""
+    logp = torch.tensor([[math.log(0.5)]], requires_grad=True)
+    old = torch.tensor([[math.log(0.5)]])
+    mask = torch.ones(1, 1, dtype=torch.bool)
+
+    def loss(rollout_p, adv, off_policy, cap=2.0):
+        out = policy_loss(logp, old, torch.tensor([adv]), mask, rollout_logp=torch.tensor([[math.log(rollout_p)]]),
+                          tis_cap=cap, off_policy=off_policy)
+        (grad,) = torch.autograd.grad(out.loss, logp)
+        return out.loss.item(), grad.item()
+
+    # w = p_old / p_rollout: 5 (past the cap of 2) or 1.25 (under it); the ratio against old is 1
+    assert loss(0.1, 1.0, "truncated_is") == pytest.approx((-2.0, -2.0))
+    assert loss(0.4, 1.0, "truncated_is") == pytest.approx((-1.25, -1.25))
+    assert loss(0.1, 1.0, "masked_is") == pytest.approx((0.0, 0.0))  # dropped, not truncated
+    assert loss(0.4, 1.0, "masked_is") == pytest.approx((-1.25, -1.25))
+    assert loss(0.4, 1.0, "truncated_is", cap=None) == pytest.approx((-1.0, -1.0))  # no correction
+    # behaviour_ratio: ratio = 0.5 / 0.25 = 2 against the engine, clipped at 1.2 for A > 0 (no gradient),
+    # unclipped for A < 0: loss -min(-2, -1.2) = 2, d/dlogp = ratio x 1 = 2; the cap plays no part
+    assert loss(0.25, 1.0, "behaviour_ratio") == pytest.approx((-1.2, 0.0))
+    assert loss(0.25, -1.0, "behaviour_ratio") == pytest.approx((2.0, 2.0))
+    assert loss(0.25, -1.0, "behaviour_ratio", cap=None) == pytest.approx((2.0, 2.0))
+    # within the trust region it is the plain policy gradient of the ratio: 0.5 / 0.45
+    assert loss(0.45, 1.0, "behaviour_ratio") == pytest.approx((-0.5 / 0.45, -0.5 / 0.45))
+
+
 def test_verifier_loss_modes_by_hand():
     logits = torch.tensor([[2.0, 0.0, 1.0], [0.0, 3.0, 1.0]])
     labels = torch.tensor([0, 1])  # yes_id = 0, no_id = 1

@@ -88,6 +88,11 @@ def test_overlap_needs_the_importance_sampling_correction():
     cfg.rollout.mode, cfg.algo.tis_cap = "overlap", None
     with pytest.raises(ConfigError, match="algo.tis_cap"):
         validate(cfg)
+    cfg.algo.off_policy = "behaviour_ratio"  # PPO clipped against the engine's log-probs: a correction too
+    validate(cfg)
+    cfg.algo.off_policy = "masked_is"
+    with pytest.raises(ConfigError, match="algo.tis_cap"):
+        validate(cfg)
     cfg.algo.tis_cap, cfg.rollout.max_staleness = 2.0, 0
     with pytest.raises(ConfigError, match="rollout.max_staleness=0"):
         validate(cfg)

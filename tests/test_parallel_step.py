@@ -268,7 +268,7 @@ def test_shared_prompt_layout():
             assert pos[mine][0] == f  # restarts at the last prompt token's position
 
 
-def reference_worker(model_dir, agg):
+def reference_worker(model_dir, agg, off_policy):
     """The micro-batched, vocab-parallel loss against the whole-batch reference formulas on full logits."""
     from rlv_megatron.algos.losses import policy_loss, verifier_loss
     from rlv_megatron.config import Config
@@ -280,6 +280,7 @@ def reference_worker(model_dir, agg):
     cfg.model.path = str(model_dir)
     cfg.train.micro_batch_tokens = 64
     cfg.algo.loss_agg, cfg.algo.max_tokens, cfg.algo.temperature = agg, 24, 0.7
+    cfg.algo.off_policy = off_policy
     cfg.optim.lr = 0.0  # both objectives see the same weights
     policy = Policy(cfg)
     batch = synthetic_batch()
@@ -290,8 +291,10 @@ def reference_worker(model_dir, agg):
     old = lp_t.float() + 0.2 * torch.sin(torch.arange(lp_t.numel()).view_as(lp_t).float())
     answer = logits[torch.arange(len(batch)), batch.verify_pos]
     a = cfg.algo
+    w = torch.exp(old - batch.rollout_logp)[batch.policy_mask]
+    a.tis_cap = float(w.median())  # half the tokens past the cap: truncated or dropped
     pol = policy_loss(lp_t, old.double(), batch.advantages.double(), batch.policy_mask, a.clip_low, a.clip_high,
-                      agg, a.max_tokens, batch.rollout_logp.double(), a.tis_cap)
+                      agg, a.max_tokens, batch.rollout_logp.double(), a.tis_cap, off_policy=off_policy)
     ver = verifier_loss(answer, batch.verify_label, YES, NO, "full", batch.verify_weight)
     sft_ref = -(lp_t.new_tensor(0) + torch.log_softmax(logits, -1).gather(-1, batch.targets[..., None])[..., 0]
                 [batch.policy_mask].mean()) + ver
@@ -305,9 +308,10 @@ def reference_worker(model_dir, agg):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("agg", ["token_mean", "seq_mean", "constant"])
-def test_micro_batched_loss_equals_the_whole_batch_formulas(qwen, agg):
-    r = run_distributed(reference_worker, 1, qwen, agg)[0]
+@pytest.mark.parametrize("agg, off_policy", [("token_mean", "truncated_is"), ("seq_mean", "masked_is"),
+                                              ("constant", "behaviour_ratio")])
+def test_micro_batched_loss_equals_the_whole_batch_formulas(qwen, agg, off_policy):
+    r = run_distributed(reference_worker, 1, qwen, agg, off_policy)[0]
     assert r["old_err"] < 1e-5
     for k in ("policy", "verifier", "clip"):
         assert r[k][0] == pytest.approx(r[k][1], abs=1e-5), k

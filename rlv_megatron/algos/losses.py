@@ -1,13 +1,17 @@
 """Per-token losses, written as named components (all tensors [B, T] over target positions).
 
-    ratio_t      = exp(logp_t - old_logp_t)
-    policy_t     = -min(ratio_t A, clip(ratio_t, 1 - eps_low, 1 + eps_high) A)          (PPO-clip)
-    tis_t        = min(exp(old_logp_t - rollout_logp_t), C)   detached; truncated importance weight for
-                   the mismatch between the trainer and the sampling engine (off when C is None)
-    policy_t x tis_t is the decoupled objective of off-policy PPO (Hilton et al. 2021; AReaL) for stale and
-                   partial rollouts: the clip is relative to the proximal policy (old_logp, the trainer's weights
-                   at the step's start), the behaviour policy (rollout_logp, the weights that sampled each
-                   token) enters only through the importance weight, truncated at C (C = inf: untruncated)
+    ratio_t      = exp(logp_t - anchor_t)       anchor: old_logp_t, the proximal policy (the trainer's weights at
+                   the step's start), or the engine's rollout_logp_t under algo.off_policy=behaviour_ratio
+    policy_t     = -min(ratio_t A, clip(ratio_t, 1 - eps_low, 1 + eps_high) A) x is_t             (PPO-clip)
+    w_t          = exp(old_logp_t - rollout_logp_t)     behaviour importance weight: the trainer against the
+                   weights that sampled the token (stale under overlap or partial rollouts; off-by-precision
+                   otherwise)
+    is_t         by algo.off_policy, detached, with C = algo.tis_cap (None: no correction, is_t = 1):
+                   truncated_is     min(w_t, C)               (TIS; the decoupled objective of off-policy PPO,
+                                                               Hilton et al. 2021, with a truncated weight)
+                   masked_is        w_t if w_t <= C else 0    (AReaL's decoupled PPO: tokens past the cap dropped)
+                   behaviour_ratio  1, with anchor = rollout_logp: PPO clipped against the sampling policy itself
+                                    (the coupled objective; no proximal policy, C unused)
     kl_t         = exp(ref_t - logp_t) - (ref_t - logp_t) - 1                          (k3, coefficient beta)
     verifier     = CE(answer token | prompt, solution, question): full vocabulary, or two-way Yes/No
 Aggregation over the mask: token_mean (all tokens of the batch equal), seq_mean (each sequence equal),
@@ -25,6 +29,32 @@ from rlv_megatron.registry import Registry
 
 AGGREGATIONS = Registry("algo.loss_agg")
 register_aggregation = AGGREGATIONS.register
+OFF_POLICY = Registry("algo.off_policy")
+register_off_policy = OFF_POLICY.register
+
+
+@register_off_policy("truncated_is")
+def truncated_is(old_logp, rollout_logp, cap):
+    return old_logp, torch.exp(old_logp - rollout_logp).clamp(max=cap)
+
+
+@register_off_policy("masked_is")
+def masked_is(old_logp, rollout_logp, cap):
+    w = torch.exp(old_logp - rollout_logp)
+    return old_logp, torch.where(w <= cap, w, torch.zeros_like(w))
+
+
+@register_off_policy("behaviour_ratio")
+def behaviour_ratio(old_logp, rollout_logp, cap):
+    return rollout_logp, None
+
+
+def off_policy_terms(old_logp, rollout_logp, tis_cap, off_policy: str):
+    """(the ratio's anchor log-probs, the detached per-token importance weight or None) for algo.off_policy."""
+    if rollout_logp is None or (tis_cap is None and off_policy != "behaviour_ratio"):
+        return old_logp, None
+    anchor, weight = OFF_POLICY.lookup(off_policy)(old_logp, rollout_logp, tis_cap)
+    return anchor, None if weight is None else weight.detach()
 
 
 @dataclass
@@ -78,24 +108,27 @@ class PPOTerms:
     clipped: torch.Tensor  # per token, 1.0 where the clipped branch was taken
     ratio: torch.Tensor
     kl: torch.Tensor  # per token k3 (0 without a reference)
+    is_weight: torch.Tensor  # per token importance weight is_t (1 without a correction)
 
 
 def ppo_terms(logp, old_logp, advantages, clip_low=0.2, clip_high=0.2, rollout_logp=None, tis_cap=None,
-              ref_logp=None, kl_beta=0.0) -> PPOTerms:
+              ref_logp=None, kl_beta=0.0, off_policy="truncated_is") -> PPOTerms:
     """PPO-clip per token; `advantages` is [B] (broadcast over tokens) or per token, like logp."""
     adv = advantages if advantages.dim() == logp.dim() else advantages[:, None].expand_as(logp)
-    ratio = torch.exp(logp - old_logp)
+    anchor, weight = off_policy_terms(old_logp, rollout_logp, tis_cap, off_policy)
+    ratio = torch.exp(logp - anchor)
     unclipped = ratio * adv
     clipped = ratio.clamp(1 - clip_low, 1 + clip_high) * adv
     per_token = -torch.minimum(unclipped, clipped)
-    if tis_cap is not None and rollout_logp is not None:
-        per_token = per_token * torch.exp(old_logp - rollout_logp).clamp(max=tis_cap).detach()
+    if weight is not None:
+        per_token = per_token * weight
     kl_t = torch.zeros_like(logp)
     if kl_beta and ref_logp is not None:
         d = ref_logp - logp
         kl_t = torch.exp(d) - d - 1
         per_token = per_token + kl_beta * kl_t
-    return PPOTerms(per_token, (clipped < unclipped).to(logp.dtype).detach(), ratio.detach(), kl_t.detach())
+    return PPOTerms(per_token, (clipped < unclipped).to(logp.dtype).detach(), ratio.detach(), kl_t.detach(),
+                    torch.ones_like(logp) if weight is None else weight)
 
 
 @dataclass
@@ -107,9 +140,11 @@ class PolicyLossOut:
 
 
 def policy_loss(logp, old_logp, advantages, mask, clip_low=0.2, clip_high=0.2, agg="token_mean",
-                agg_constant=None, rollout_logp=None, tis_cap=None, ref_logp=None, kl_beta=0.0) -> PolicyLossOut:
+                agg_constant=None, rollout_logp=None, tis_cap=None, ref_logp=None, kl_beta=0.0,
+                off_policy="truncated_is") -> PolicyLossOut:
     """`ppo_terms` aggregated over one whole batch [B, T] (the trainer weights micro-batches instead)."""
-    t = ppo_terms(logp, old_logp, advantages, clip_low, clip_high, rollout_logp, tis_cap, ref_logp, kl_beta)
+    t = ppo_terms(logp, old_logp, advantages, clip_low, clip_high, rollout_logp, tis_cap, ref_logp, kl_beta,
+                  off_policy)
     return PolicyLossOut(aggregate(agg, t.loss, mask, agg_constant), aggregate("token_mean", t.clipped, mask),
                          aggregate("token_mean", t.kl, mask), aggregate("token_mean", t.ratio, mask))
 

@@ -7,8 +7,8 @@ only receives new weights when it is idle, at a generation boundary: at the star
 are in hand and nothing else is generating, the trainer syncs its weights and queues the next
 `rollout.max_staleness` steps' generations (one background thread, one generation at a time). A sample
 generated with version v and trained at step t has lag t - v, between 1 and max_staleness (0 for the very
-first step, generated in the foreground); the policy loss corrects for it with truncated importance
-sampling against the engine's sampling log-probs (`algo.tis_cap`).
+first step, generated in the foreground); the policy loss corrects for it against the engine's sampling
+log-probs (`algo.off_policy`: truncated importance sampling by default, cap `algo.tis_cap`).
 
 Every rank keeps the same book of pending steps (which decides when a sync, a collective, happens); only the
 engine rank runs generations. The pending rollouts are part of a checkpoint (`inflight`): a resumed run trains

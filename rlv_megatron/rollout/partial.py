@@ -9,9 +9,9 @@ groups, and the rest, finished or not, stay in the pool for later steps, where n
 (as in Kimi k1.5's and slime's partial rollouts).
 
 Every token records the weight version that sampled it; its engine log-prob is the sampling distribution's
-of that version, so the policy loss corrects older tokens with truncated importance sampling as it does stale
-samples (algo.tis_cap). A sample is at most ceil(max_tokens / max_step_tokens) rounds long, so the lag of its
-oldest token is bounded by that (plus rollout.max_staleness under overlap) unless complete groups queue up.
+of that version, so the policy loss corrects older tokens as it does stale samples (algo.off_policy,
+algo.tis_cap). A sample is at most ceil(max_tokens / max_step_tokens) rounds long, so the lag of its oldest
+token is bounded by that (plus rollout.max_staleness under overlap) unless complete groups queue up.
 Groups are trained only whole: the group baseline of GRPO/RLOO needs every sample's reward.
 
 The pool is the replica's state between steps and goes into checkpoints (`state`/`load`): a resumed run

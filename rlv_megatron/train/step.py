@@ -91,7 +91,7 @@ def rl_objective(batch: SequenceBatch, old_logp, algo, ver, vocab, yes_id, no_id
         logp, ent = head.token_logprobs(f["target"].long(), algo.temperature, with_entropy=True, where=on)
         old = torch.where(on, f["old_logp"], 0.0) if old_logp is not None else logp.detach()  # ratio 1 elsewhere
         t = ppo_terms(logp, old, f["adv"], algo.clip_low, algo.clip_high, f["rollout_logp"],
-                      algo.tis_cap, f.get("ref_logp"), algo.kl_beta)
+                      algo.tis_cap, f.get("ref_logp"), algo.kl_beta, algo.off_policy)
         pol_loss = (t.loss * f["w"]).sum()
         ver_loss = torch.zeros(())
         outputs = {}
@@ -108,12 +108,13 @@ def rl_objective(batch: SequenceBatch, old_logp, algo, ver, vocab, yes_id, no_id
         tw = f["tok_w"]
         stats = {"loss/total": total, "loss/policy": pol_loss, "loss/verifier": ver_loss,
                  "policy/clip_fraction": (t.clipped * tw).sum(), "policy/ratio_mean": (t.ratio * tw).sum(),
-                 "policy/kl_to_reference": (t.kl * tw).sum(),
+                 "policy/kl_to_reference": (t.kl * tw).sum(), "policy/is_weight_mean": (t.is_weight * tw).sum(),
                  "policy/entropy": (ent * f["resp_w"]).sum()}
         return total, stats, outputs
 
     return Objective(fields, loss, ("loss/total", "loss/policy", "loss/verifier", "policy/clip_fraction",
-                                    "policy/ratio_mean", "policy/kl_to_reference", "policy/entropy"), vocab,
+                                    "policy/ratio_mean", "policy/kl_to_reference", "policy/is_weight_mean",
+                                    "policy/entropy"), vocab,
                      outputs=("logp", "score") if old_logp is None else ())
 
 
