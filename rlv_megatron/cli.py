@@ -77,9 +77,10 @@ def _cmd_plan(args) -> int:
         arch = plan.PRESETS[args.model] if args.model in plan.PRESETS else load_arch(Path(args.model))
         cfg = apply_overrides(Config(), args.overrides)
         validate(cfg, arch)
-        p = plan.estimate(cfg, arch, plan.DEVICES[args.gpu], args.gpus)
+        p = plan.estimate(cfg, arch, plan.DEVICES[args.gpu], args.gpus, gpus_per_node=args.gpus_per_node)
+        train_world = plan.trainer_world(cfg, args.gpus, args.gpus_per_node)
         print(f"{args.model} on {args.gpus} x {plan.DEVICES[args.gpu].name}: TP={cfg.parallel.tp} "
-              f"PP={cfg.parallel.pp} DP={args.gpus // (cfg.parallel.tp * cfg.parallel.pp)}, "
+              f"PP={cfg.parallel.pp} DP={train_world // (cfg.parallel.tp * cfg.parallel.pp)}, "
               f"recompute={cfg.parallel.recompute}, {cfg.train.micro_batch_tokens} tokens per micro-batch")
         print(p.table())
         plan.check(p)
@@ -147,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("model", help="HF model directory, or a preset: " + ", ".join(
         ["qwen2.5-math-7b", "r1-distill-qwen-32b"]))
     pl.add_argument("--gpu", default="h100-80gb", choices=["h100-80gb", "h200", "a100-80gb", "cpu"])
-    pl.add_argument("--gpus", type=int, default=8, help="world size (GPUs in the run)")
+    pl.add_argument("--gpus", type=int, default=8, help="GPUs in the run (the engines' own included)")
+    pl.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (rollout.engine_gpus are per node)")
     pl.add_argument("overrides", nargs="*", help="config fields, e.g. parallel.tp=4 parallel.recompute=full")
     pl.set_defaults(func=_cmd_plan, allow_overrides=True)
     ev = sub.add_parser("eval", help="test-time scaling: sample a pool, score it with the model's own P(Yes), "

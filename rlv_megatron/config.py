@@ -66,15 +66,20 @@ class RolloutConfig:
     # core per worker here); or an explicit list such as "0-1" ("0|1" per rank under rollout TP)
     cpu_threads_bind: str = "all"
     # "sync": generate, train, sync, in turn; "overlap": the next steps' rollouts are generated while a step
-    # trains, with weights up to max_staleness updates old (rollout/overlap.py; needs algo.tis_cap). On CPU,
-    # cpu_threads_bind=all then splits the cores: the engine the second half, the trainer the first
+    # trains, with weights up to max_staleness updates old (rollout/overlap.py; needs an off-policy correction,
+    # algo.tis_cap or algo.off_policy). On CPU, cpu_threads_bind=all then splits the cores: the engine the
+    # second half, the trainer the first
     mode: str = "sync"
     max_staleness: int = 1  # overlap: the most RL updates a trained sample's weights may lag behind
-    # partial rollouts (rollout/partial.py; needs algo.tis_cap), 0 = off: a generation round continues every
-    # unfinished sample by at most this many tokens, and a step runs rounds until algo.prompts_per_step groups
-    # are complete; unfinished groups continue in later steps, with newer weights
+    # partial rollouts (rollout/partial.py; needs an off-policy correction, as overlap), 0 = off: a generation
+    # round continues every unfinished sample by at most this many tokens, and a step runs rounds until
+    # algo.prompts_per_step groups are complete; unfinished groups continue in later steps, with newer weights
     max_step_tokens: int = 0
     partial_spare_groups: int = 8  # partial rollouts: groups in progress beyond algo.prompts_per_step
+    # GPUs of each node that run engines instead of training (disaggregated; 0: the engines share the trainer's
+    # GPUs). The trainer takes the node's first GPUs, each engine rollout.tensor_parallel_size of the last
+    # (rollout/placement.py); weights travel through host memory (shm); GPU only
+    engine_gpus: int = 0
 
 
 @dataclass
@@ -116,7 +121,11 @@ class AlgoConfig:
     # training forward's own, detached (one update per batch only: there they are the same values); auto =
     # current with one update per batch (ppo_epochs = ppo_minibatches = 1), else recompute
     old_logprobs: str = "auto"
-    tis_cap: Optional[float] = 2.0  # truncated importance sampling against the engine; None = off
+    tis_cap: Optional[float] = 2.0  # C: the importance weight's cap against the engine; None = no correction
+    # how samples of other weights than the trainer's are corrected (algos/losses.py): truncated_is = weight
+    # min(w, C); masked_is = w, tokens with w > C dropped (AReaL's decoupled PPO); behaviour_ratio = the PPO
+    # ratio clipped against the engine's log-probs themselves (no proximal policy; C unused)
+    off_policy: str = "truncated_is"
     filter_equal_reward_groups: bool = True  # drop groups whose rewards are all equal (no policy gradient)
     adv_eps: float = 1e-6  # grpo: added to the group's std
 
@@ -231,6 +240,7 @@ _CHOICES = {
     "algo.advantage": ("grpo", "rloo", "dr_grpo"),
     "algo.loss_agg": ("token_mean", "seq_mean", "constant"),
     "algo.old_logprobs": ("auto", "recompute", "current"),
+    "algo.off_policy": ("truncated_is", "masked_is", "behaviour_ratio"),
     "verifier.examples": ("all", "balanced"),
     "verifier.loss": ("full", "yes_no"),
     "train.logprob_impl": ("fused", "logits"),
@@ -283,6 +293,30 @@ def cpu_threads_bind(rollout: RolloutConfig) -> str | None:
         per = [cores[i::tp] for i in range(tp)]  # each rank its own cores
         return "|".join(",".join(map(str, sorted(c))) for c in per)
     return bind
+
+
+def corrects_off_policy(algo: AlgoConfig) -> bool:
+    """Whether the loss corrects for samples of older weights (algos/losses.py: off_policy_terms)."""
+    return algo.tis_cap is not None or algo.off_policy == "behaviour_ratio"
+
+
+def check_engine_gpus(rollout: RolloutConfig) -> None:
+    """Disaggregated engines (rollout.engine_gpus > 0): what the config alone can rule out; the count of engines
+    a node needs is checked by `rlv plan` and where the engines start (rollout/placement.py)."""
+    n, rtp = rollout.engine_gpus, rollout.tensor_parallel_size
+    if n < 0:
+        raise ConfigError(f"rollout.engine_gpus={n}: must be >= 0 (0: engines share the trainer's GPUs)")
+    if n == 0:
+        return
+    if n % rtp:
+        raise ConfigError(f"rollout.engine_gpus={n}: not a multiple of rollout.tensor_parallel_size={rtp} "
+                          "(each engine takes that many GPUs)")
+    if rollout.enable_sleep_mode:
+        raise ConfigError("rollout.enable_sleep_mode=true with rollout.engine_gpus > 0: the engines have GPUs of "
+                          "their own, there is nothing to free for training")
+    if rollout.transport == "cuda_ipc":
+        raise ConfigError("rollout.transport=cuda_ipc with rollout.engine_gpus > 0: an IPC buffer lives on the "
+                          "trainer's GPU, not the engine's; use shm (or auto)")
 
 
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
@@ -348,15 +382,16 @@ def validate(cfg: Config, arch=None) -> None:
         if cfg.rollout.enable_sleep_mode:
             raise ConfigError("rollout.enable_sleep_mode=true with rollout.mode=overlap: the engine generates while "
                               "the trainer trains, so its memory cannot be freed (the plan adds both)")
-        if cfg.algo.tis_cap is None:
-            raise ConfigError("algo.tis_cap=null with rollout.mode=overlap: samples of older weights need the "
-                              "truncated importance-sampling correction (e.g. algo.tis_cap=2.0)")
+        if not corrects_off_policy(cfg.algo):
+            raise ConfigError("algo.tis_cap=null with rollout.mode=overlap: samples of older weights need an "
+                              "off-policy correction (e.g. algo.tis_cap=2.0, or algo.off_policy=behaviour_ratio)")
+    check_engine_gpus(cfg.rollout)
     if cfg.rollout.max_step_tokens < 0 or cfg.rollout.partial_spare_groups < 0:
         raise ConfigError(f"rollout.max_step_tokens={cfg.rollout.max_step_tokens}, rollout.partial_spare_groups="
                           f"{cfg.rollout.partial_spare_groups}: must be >= 0")
-    if cfg.rollout.max_step_tokens and cfg.algo.tis_cap is None:
+    if cfg.rollout.max_step_tokens and not corrects_off_policy(cfg.algo):
         raise ConfigError("algo.tis_cap=null with rollout.max_step_tokens > 0: tokens continued by newer weights "
-                          "need the truncated importance-sampling correction (e.g. algo.tis_cap=2.0)")
+                          "need an off-policy correction (e.g. algo.tis_cap=2.0, or algo.off_policy=behaviour_ratio)")
     if cfg.train.keep_checkpoints < 0:
         raise ConfigError(f"train.keep_checkpoints={cfg.train.keep_checkpoints}: must be >= 0")
     if not cfg.train.logprob_chunk_mb > 0:

@@ -23,13 +23,17 @@ def compose(config_name: str, overrides: list[str]) -> Config:
         return OmegaConf.to_object(hydra_compose(config_name=config_name, overrides=list(overrides)))
 
 
-def self_launch_command(environ, gpus: int, argv: list[str], python: str) -> list[str] | None:
+def self_launch_command(environ, gpus: int, argv: list[str], python: str, engine_gpus: int = 0) -> list[str] | None:
     """`python recipes/X.py ...` on a machine with several GPUs and no launcher around it: the torchrun
-    command that starts one rank per GPU with the same arguments; None when already launched (torchrun or
-    Slurm variables present) or with fewer than two GPUs."""
+    command that starts one rank per trainer GPU (all but rollout.engine_gpus) with the same arguments; None
+    when already launched (torchrun or Slurm variables present) or with fewer than two GPUs."""
     if gpus < 2 or "RANK" in environ or "SLURM_PROCID" in environ:
         return None
-    return [python, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}", *argv]
+    if engine_gpus >= gpus:
+        from rlv_megatron.config import ConfigError
+
+        raise ConfigError(f"rollout.engine_gpus={engine_gpus}: this machine has {gpus} GPUs, none left to train")
+    return [python, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus - engine_gpus}", *argv]
 
 
 def run_recipe(cfg) -> None:
@@ -44,7 +48,7 @@ def run_recipe(cfg) -> None:
     from rlv_megatron.run import run
 
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    command = self_launch_command(os.environ, gpus, sys.argv, sys.executable)
+    command = self_launch_command(os.environ, gpus, sys.argv, sys.executable, cfg.rollout.engine_gpus)
     if command is not None:
         print(f"{gpus} GPUs: relaunching as {' '.join(command)}", flush=True)
         os.execv(command[0], command)

@@ -17,7 +17,9 @@ schedule's in-flight micro-batches):
                rest KV cache (2 x layers x kv_heads x head_dim x 2 bytes per token / rollout TP), which sets
                how many of the replica's sequences decode at once at full length; with sleep mode the engine's
                memory is freed while training runs, so the peak is max(train, engine), else the sum (always
-               the sum under rollout.mode=overlap: the engine generates while the trainer trains)
+               the sum under rollout.mode=overlap: the engine generates while the trainer trains); with
+               rollout.engine_gpus the engines have GPUs of their own (the last of each node), so training and
+               the engine are on different GPUs and the total is the fuller of the two
 Throughput: training at `mfu` of peak bf16 FLOPs with 6 x params FLOPs per token (8 with full recompute);
 decoding limited by memory bandwidth (each step reads the weights and the KV cache once).
 Validated against measured peak memory of small configs on CPU (tests/test_plan.py); the GPU figures
@@ -116,13 +118,35 @@ def activation_elements(arch: ModelArch, tp: int, sp: bool, row: int, recompute:
     return per
 
 
+def trainer_world(cfg: Config, world_size: int, gpus_per_node: int) -> int:
+    """The GPUs that train: all of them, or with rollout.engine_gpus all but that many per node."""
+    e = cfg.rollout.engine_gpus
+    if not e:
+        return world_size
+    if world_size % gpus_per_node:
+        raise ConfigError(f"rollout.engine_gpus={e}: {world_size} GPUs are not whole nodes of {gpus_per_node}")
+    if e >= gpus_per_node:
+        raise ConfigError(f"rollout.engine_gpus={e}: leaves no GPU of a {gpus_per_node}-GPU node to train")
+    return world_size - world_size // gpus_per_node * e
+
+
+def engines_per_node(cfg: Config, trainer_gpus: int, nodes: int) -> list[int]:
+    """Engine owners on each node, for megatron's rank order (tp fastest, then dp, then pp): a replica's
+    owner is TP rank 0 of stage 0, i.e. the ranks below TP x DP at multiples of TP; node n holds the trainer
+    ranks n x trainer_gpus ... (n + 1) x trainer_gpus - 1."""
+    tp, dp = cfg.parallel.tp, trainer_gpus * nodes // (cfg.parallel.tp * cfg.parallel.pp)
+    owners = range(0, tp * dp, tp)
+    return [sum(n * trainer_gpus <= r < (n + 1) * trainer_gpus for r in owners) for n in range(nodes)]
+
+
 def estimate(cfg: Config, arch: ModelArch, device: Device, world_size: int, mfu: float = 0.4,
-             bandwidth_efficiency: float = 0.7) -> Plan:
+             bandwidth_efficiency: float = 0.7, gpus_per_node: int = 8) -> Plan:
     par, tr = cfg.parallel, cfg.train
     tp, pp = par.tp, par.pp
-    if world_size % (tp * pp):
-        raise ConfigError(f"parallel.tp={tp} x parallel.pp={pp} does not divide {world_size} GPUs")
-    dp = world_size // (tp * pp)
+    train_world = trainer_world(cfg, world_size, gpus_per_node)
+    if train_world % (tp * pp):
+        raise ConfigError(f"parallel.tp={tp} x parallel.pp={pp} does not divide the {train_world} GPUs that train")
+    dp = train_world // (tp * pp)
     pbytes = 2 if cfg.model.params_dtype == "bfloat16" else 4
     vpad = padded_vocab_size(arch.vocab_size, cfg.model.make_vocab_size_divisible_by, tp)
     layers_per_stage = arch.num_layers // pp
@@ -167,7 +191,22 @@ def estimate(cfg: Config, arch: ModelArch, device: Device, world_size: int, mfu:
         m["engine_weights"], m["engine_kv"] = engine_weights, kv_budget
         # overlap: the engine generates while the trainer trains, both resident (validate refuses sleep mode)
         asleep_in_training = ro.enable_sleep_mode and ro.mode == "sync"
-        plan.total = max(train_total, reserve) if asleep_in_training else train_total + reserve
+        if ro.engine_gpus:  # the engines' GPUs and the trainer's are different GPUs: the fuller one counts
+            plan.total = max(train_total, reserve)
+            plan.notes.append(f"rollout.engine_gpus={ro.engine_gpus}: trainer GPUs hold {train_total / GiB:.1f} "
+                              f"GiB (weights ... logits), engine GPUs {reserve / GiB:.1f} GiB (engine_weights, "
+                              f"engine_kv); {train_world} of the {world_size} GPUs train")
+            trainer_gpn = gpus_per_node - ro.engine_gpus
+            per_node = engines_per_node(cfg, trainer_gpn, world_size // gpus_per_node)
+            if max(per_node) * rtp > ro.engine_gpus:
+                plan.problems.append(f"rollout.engine_gpus={ro.engine_gpus}: a node holds the first ranks of "
+                                     f"{max(per_node)} data-parallel replicas, whose engines need "
+                                     f"{max(per_node) * rtp} GPUs at rollout.tensor_parallel_size={rtp}")
+            idle = sum(ro.engine_gpus - k * rtp for k in per_node)
+            if idle and not plan.problems:
+                plan.notes.append(f"{idle} engine GPU(s) idle: engines run on their replica's first node")
+        else:
+            plan.total = max(train_total, reserve) if asleep_in_training else train_total + reserve
         if kv_budget == 0:
             plan.problems.append(f"rollout.gpu_memory_utilization={ro.gpu_memory_utilization}: the engine's "
                                  f"{reserve / GiB:.1f} GiB do not hold its {engine_weights / GiB:.1f} GiB of weights")
@@ -177,7 +216,7 @@ def estimate(cfg: Config, arch: ModelArch, device: Device, world_size: int, mfu:
         if in_flight < seqs:
             plan.notes.append(f"KV cache holds {in_flight:.0f} of the {seqs:.0f} sequences per engine at "
                               f"rollout.max_model_len={ro.max_model_len}: rollouts run in waves")
-        if ro.mode == "overlap":
+        if ro.mode == "overlap" and not ro.engine_gpus:
             plan.notes.append(f"rollout.mode=overlap: engine and trainer share each GPU at once (no sleep mode); "
                               f"generation runs beside training, up to {ro.max_staleness} update(s) behind; the "
                               f"tokens/s figures assume each has the GPU to itself (contention not modelled)")
@@ -185,7 +224,7 @@ def estimate(cfg: Config, arch: ModelArch, device: Device, world_size: int, mfu:
             plan.notes.append(f"partial rollouts: a generation round gives a sample at most {ro.max_step_tokens} "
                               f"tokens; {ro.partial_spare_groups} spare groups in progress beyond a step's")
         flops_token = (8 if par.recompute == "full" else 6) * total_params(arch)
-        plan.throughput["train tokens/s (cluster)"] = mfu * device.bf16_tflops * 1e12 * world_size / flops_token
+        plan.throughput["train tokens/s (cluster)"] = mfu * device.bf16_tflops * 1e12 * train_world / flops_token
         if tr.share_prompts:
             plan.notes.append(f"train.share_prompts: train tokens/s counts tokens computed; a prompt computed once for "
                               f"its {cfg.algo.group_size} samples makes sequence tokens/s higher by "
@@ -193,7 +232,7 @@ def estimate(cfg: Config, arch: ModelArch, device: Device, world_size: int, mfu:
         # a decode step reads the weights and, on average, half of each sequence's final KV cache
         step_s = (engine_weights + in_flight * kv_seq / 2) / (device.bandwidth_tbps * 1e12 * bandwidth_efficiency)
         plan.throughput["rollout tokens/s (cluster)"] = in_flight / step_s * dp
-        if rtp != tp * pp:
+        if rtp != tp * pp and not ro.engine_gpus:
             plan.notes.append(f"rollout.tensor_parallel_size={rtp}: each replica's engine uses {rtp} of its "
                               f"{tp * pp} GPUs (set it to TP x PP to use them all)")
     else:

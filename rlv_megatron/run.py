@@ -73,7 +73,7 @@ def run(cfg: Config) -> Path | None:
     from rlv_megatron.eval.sampling import evaluate
     from rlv_megatron.dashboards import Metrics
     from rlv_megatron.train.policy import Policy
-    from rlv_megatron.rollout.placement import Placement
+    from rlv_megatron.rollout.placement import Placement, engine_devices
     from rlv_megatron.rollout.engine import make_engine
     from rlv_megatron.tasks.chat import ChatFormat
     from rlv_megatron.tasks.registry import make_task
@@ -118,7 +118,8 @@ def run(cfg: Config) -> Path | None:
     if cfg.algo.kl_beta > 0 and policy.reference is None:
         policy.freeze_reference()
     start = policy.export(out / "start", task.tokenizer, dtype=getattr(torch, cfg.model.params_dtype))  # collective
-    engine = make_engine("vllm", str(start), cfg.rollout) if place.owns_engine else None
+    devices = engine_devices(place, cfg.rollout)  # collective under rollout.engine_gpus > 0
+    engine = make_engine("vllm", str(start), cfg.rollout, devices) if place.owns_engine else None
     try:
         if cfg.eval.before_rl and lead:
             results["before_rl"] = run_eval(-1, engine, task, fmt, cfg, metrics)

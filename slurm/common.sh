@@ -51,12 +51,16 @@ launch() {
   return "$rc"
 }
 
-# launch_torchrun RECIPE [overrides...]: one torchrun per node (one srun task per node), GPUS_PER_NODE
-# ranks on each, all meeting at MASTER_ADDR:MASTER_PORT.
+# launch_torchrun RECIPE [overrides...]: one torchrun per node (one srun task per node), all meeting at
+# MASTER_ADDR:MASTER_PORT, with one rank per trainer GPU: GPUS_PER_NODE less ENGINE_GPUS (the GPUs of each
+# node that run engines instead, passed on as rollout.engine_gpus; 0: engines share the trainer's GPUs).
 launch_torchrun() {
   local recipe=$1
   shift
+  local engine_gpus=${ENGINE_GPUS:-0}
+  local ranks=$(( ${GPUS_PER_NODE:-8} - engine_gpus ))
   launch bash -c 'exec ${RLV_PYTHON:-python} -m torch.distributed.run --nnodes="$SLURM_NNODES" \
     --nproc-per-node="$0" --node-rank="$SLURM_NODEID" --master-addr="$MASTER_ADDR" \
-    --master-port="$MASTER_PORT" "$@"' "${GPUS_PER_NODE:-8}" "$recipe" train.out_dir="$RUN_DIR" "$@"
+    --master-port="$MASTER_PORT" "$@"' "$ranks" "$recipe" train.out_dir="$RUN_DIR" \
+    rollout.engine_gpus="$engine_gpus" "$@"
 }

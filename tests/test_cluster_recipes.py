@@ -10,14 +10,15 @@ from pathlib import Path
 import pytest
 
 from rlv_megatron import plan
-from rlv_megatron.config import validate
+from rlv_megatron.config import ConfigError, validate
 from rlv_megatron.hydra_app import compose
 from rlv_megatron.tasks.math_data import load_math
 
 ROOT = Path(__file__).resolve().parents[1]
 # recipe -> (architecture preset, GPUs, the per-GPU GiB its header and docstring state)
 RECIPES = {"math_7b": ("qwen2.5-math-7b", 8, 48.0), "r1_32b": ("r1-distill-qwen-32b", 16, 56.0),
-           "math_7b_overlap": ("qwen2.5-math-7b", 8, 75.9), "r1_32b_overlap": ("r1-distill-qwen-32b", 16, 78.5)}
+           "math_7b_overlap": ("qwen2.5-math-7b", 8, 75.9), "r1_32b_overlap": ("r1-distill-qwen-32b", 16, 78.5),
+           "math_7b_disagg": ("qwen2.5-math-7b", 8, 72.0), "r1_32b_disagg": ("r1-distill-qwen-32b", 32, 77.5)}
 METHODS = {"grpo_v": ("grpo", "token_mean"), "loo_ppo_v": ("rloo", "token_mean"),
            "dr_grpo_v": ("dr_grpo", "constant")}
 
@@ -38,6 +39,12 @@ def test_recipe_validates_and_fits_as_documented(recipe, method):
     if recipe.endswith("_overlap"):  # the overlapped variant: engine and trainer resident at once
         assert cfg.rollout.mode == "overlap" and not cfg.rollout.enable_sleep_mode
         assert p.total == pytest.approx(sum(p.memory.values()))
+    if recipe.endswith("_disagg"):  # engines on GPUs of their own: the fuller of the two kinds of GPU
+        assert cfg.rollout.mode == "overlap" and cfg.rollout.engine_gpus == 4
+        engine = p.memory["engine_weights"] + p.memory["engine_kv"]
+        trainer = sum(p.memory.values()) - engine
+        assert p.total == pytest.approx(max(engine, trainer))
+        assert f"{trainer / plan.GiB:.1f}" in header and f"{engine / plan.GiB:.1f}" in header
     assert cfg.algo.max_tokens < cfg.rollout.max_model_len
     assert len(load_math(cfg.task.eval_path)) == 500  # the datasets resolve (from the project's cache)
     assert len(load_math(cfg.task.train_path, skip_invalid=True)) == 7498
@@ -59,7 +66,7 @@ def test_data_and_model_locations_come_from_the_environment(monkeypatch, tmp_pat
 
 @pytest.mark.parametrize("recipe", list(RECIPES))
 def test_cfg_job_resolve_prints_the_resolved_config(recipe):
-    app = recipe.removesuffix("_overlap")  # a variant: the recipe's app with --config-name
+    app = recipe.removesuffix("_overlap").removesuffix("_disagg")
     out = subprocess.run([sys.executable, str(ROOT / "recipes" / f"{app}.py"), "--cfg", "job", "--resolve",
                           *(["--config-name", recipe] if recipe != app else []),
                           "method=loo_ppo_v", "train.steps=7"], capture_output=True, text=True, cwd=ROOT,
@@ -80,3 +87,7 @@ def test_plain_python_on_a_multi_gpu_node_relaunches_under_torchrun():
     assert self_launch_command({"RANK": "0", "WORLD_SIZE": "8"}, 8, argv, "/py") is None  # under torchrun
     assert self_launch_command({"SLURM_PROCID": "3"}, 8, argv, "/py") is None  # an srun task
     assert self_launch_command({}, 1, argv, "/py") is None and self_launch_command({}, 0, argv, "/py") is None
+    # disaggregated: one rank per trainer GPU, the engines take the rest
+    assert self_launch_command({}, 8, argv, "/py", engine_gpus=4)[4] == "--nproc-per-node=4"
+    with pytest.raises(ConfigError, match="rollout.engine_gpus=8: this machine has 8 GPUs"):
+        self_launch_command({}, 8, argv, "/py", engine_gpus=8)

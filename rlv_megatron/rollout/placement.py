@@ -3,14 +3,23 @@
 One engine per data-parallel replica, owned by the replica's first rank (TP rank 0 of pipeline stage 0).
 It generates and grades that replica's share of the step's prompts, then hands the training batch to the
 replica's other ranks; rollout statistics are averaged over the replicas.
+
+The engine runs on the owner's own GPU(s) (colocated), or, with rollout.engine_gpus > 0, on GPUs of the same
+node that the trainer does not use (disaggregated): the node's trainer ranks take its first GPUs, and the
+node's engine owners, in rank order, take rollout.tensor_parallel_size GPUs each after them. Engines on
+other nodes than their owner's are not supported (weights would need a cross-node transport).
 """
 
 from __future__ import annotations
 
+import os
+import socket
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from rlv_megatron.config import ConfigError, RolloutConfig
 
 
 @dataclass(frozen=True)
@@ -72,3 +81,44 @@ def dp_mean(values: dict, place: Placement) -> dict:
                      dtype=torch.float64)
     all_reduce_host(t, ps.get_data_parallel_group())  # host statistics (NCCL: through the GPU)
     return {k: (s / n if n else None) for k, (s, n) in zip(keys, t.tolist())}
+
+
+def engine_gpu_ids(node_owner_ranks: list[int], rank: int, trainer_gpus: int, node_gpus: int,
+                   rollout: RolloutConfig) -> list[int]:
+    """Node-local GPU indices of the engine that `rank` owns, under rollout.engine_gpus > 0: the j-th owner of
+    the node (by global rank) takes rollout.tensor_parallel_size GPUs from trainer_gpus + j x that."""
+    rtp, n = rollout.tensor_parallel_size, rollout.engine_gpus
+    if trainer_gpus + n > node_gpus:
+        raise ConfigError(f"rollout.engine_gpus={n}: this node has {node_gpus} GPUs and {trainer_gpus} trainer "
+                          f"ranks, so {node_gpus - trainer_gpus} are left for engines (start fewer ranks per node)")
+    if len(node_owner_ranks) * rtp > n:
+        raise ConfigError(f"rollout.engine_gpus={n}: this node's {len(node_owner_ranks)} engines (one per data-"
+                          f"parallel replica whose first rank is here) need {len(node_owner_ranks) * rtp} GPUs "
+                          f"at rollout.tensor_parallel_size={rtp}")
+    if rank not in node_owner_ranks:
+        return []
+    j = sorted(node_owner_ranks).index(rank)
+    return list(range(trainer_gpus + j * rtp, trainer_gpus + (j + 1) * rtp))
+
+
+def engine_devices(place: Placement, rollout: RolloutConfig) -> list[str] | None:
+    """CUDA_VISIBLE_DEVICES entries of this rank's engine when engines have GPUs of their own, else None (the
+    engine shares the owner's GPU). Collective over the world when rollout.engine_gpus > 0."""
+    if rollout.engine_gpus == 0:
+        return None
+    if not torch.cuda.is_available():
+        raise ConfigError(f"rollout.engine_gpus={rollout.engine_gpus}: engines on GPUs of their own need GPUs "
+                          "(on CPU, rollout.cpu_threads_bind gives the engine its own cores)")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    me = (socket.gethostname(), rank, place.owns_engine)
+    everyone = [me]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, me)
+    here = [r for host, r, _ in everyone if host == me[0]]
+    owners = [r for host, r, owns in everyone if owns and host == me[0]]
+    ids = engine_gpu_ids(owners, rank, len(here), torch.cuda.device_count(), rollout)
+    if not place.owns_engine:
+        return None
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")  # Slurm or the user may already narrow the node's GPUs
+    return [visible.split(",")[i] for i in ids] if visible else [str(i) for i in ids]
