@@ -141,6 +141,11 @@ class VerifierConfig:
     # full: the paper's CE over the vocabulary; scores are raw P("Yes"). yes_no: two-way CE (for a start that
     # never saw the format, toy-findings.md); scores are P(Yes) renormalised over {Yes, No}
     loss: str = "full"
+    # generative: the model's own Yes/No token (RL^V); head: a linear classification head on the final hidden
+    # state at the same position, trained with binary cross-entropy, scored by its sigmoid (the paper's
+    # discriminative baseline; models/verifier_head.py). Pools are then scored by the trainer's forward, not
+    # vLLM, which needs parallel.tp = parallel.pp = 1
+    kind: str = "generative"
 
 
 @dataclass
@@ -243,6 +248,7 @@ _CHOICES = {
     "algo.off_policy": ("truncated_is", "masked_is", "behaviour_ratio"),
     "verifier.examples": ("all", "balanced"),
     "verifier.loss": ("full", "yes_no"),
+    "verifier.kind": ("generative", "head"),
     "train.logprob_impl": ("fused", "logits"),
     "task.name": ("subset_sum", "math", "gsm8k"),
     "task.prompt_format": ("chat", "raw"),
@@ -398,6 +404,13 @@ def validate(cfg: Config, arch=None) -> None:
         raise ConfigError(f"train.logprob_chunk_mb={cfg.train.logprob_chunk_mb}: must be > 0")
     if not 0 < cfg.eval.reward_temperature < float("inf"):
         raise ConfigError(f"eval.reward_temperature={cfg.eval.reward_temperature}: must be a finite number > 0")
+    if cfg.verifier.kind == "head":
+        if cfg.train.logprob_impl != "fused":
+            raise ConfigError("verifier.kind=head needs train.logprob_impl=fused (the head reads the final hidden "
+                              "states, which the logits path does not keep)")
+        if cfg.parallel.tp * cfg.parallel.pp > 1:
+            raise ConfigError(f"verifier.kind=head with parallel.tp={cfg.parallel.tp}, parallel.pp={cfg.parallel.pp}: "
+                              "its pools are scored by the trainer's forward on one rank, so both must be 1")
     if cfg.verifier.lam < 0:
         raise ConfigError(f"verifier.lam={cfg.verifier.lam}: must be >= 0")
     if cfg.algo.advantage in ("grpo", "rloo") and cfg.algo.group_size < 2:

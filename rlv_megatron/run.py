@@ -78,7 +78,7 @@ def run(cfg: Config) -> Path | None:
     from rlv_megatron.tasks.chat import ChatFormat
     from rlv_megatron.tasks.registry import make_task
     from rlv_megatron.train import checkpoint
-    from rlv_megatron.train.loop import run_eval, train
+    from rlv_megatron.train.loop import pool_scorer, run_eval, train
     from rlv_megatron.train.sft import warm_start
     from rlv_megatron.eval import report
 
@@ -122,7 +122,7 @@ def run(cfg: Config) -> Path | None:
     engine = make_engine("vllm", str(start), cfg.rollout, devices) if place.owns_engine else None
     try:
         if cfg.eval.before_rl and lead:
-            results["before_rl"] = run_eval(-1, engine, task, fmt, cfg, metrics)
+            results["before_rl"] = run_eval(-1, engine, task, fmt, cfg, metrics, pool_scorer(policy, cfg))
         results["during_rl"] = train(policy, engine, task, fmt, cfg, metrics, out, start_step,
                                      None if resume is None else (resume, run_state))
         if not lead:
@@ -130,7 +130,8 @@ def run(cfg: Config) -> Path | None:
         final, pool = {}, []
         if cfg.eval.final:
             with metrics.timer("eval"), AnswerKeys(cfg.task.grader_workers, cfg.task.grader_timeout_s) as keys:
-                final, pool = evaluate(engine, fmt, task, task.eval, cfg.eval, cfg.algo.max_tokens, keys)
+                final, pool = evaluate(engine, fmt, task, task.eval, cfg.eval, cfg.algo.max_tokens, keys,
+                                       pool_scorer(policy, cfg))
             metrics.log(cfg.train.steps, {f"eval/{k}": v for k, v in final.items()})
     finally:
         if engine is not None:

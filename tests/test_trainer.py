@@ -59,7 +59,11 @@ def _two_steps(out_dir):
         steps = [rl_step(s, policy, engine, task, fmt, cfg, metrics) for s in range(2)]
         moved = max((p.detach() - before[n]).abs().max().item() for n, p in policy.model.named_parameters())
         engine_after = torch.tensor(engine.prompt_logprobs([seq])[0])
-        return {"calls": engine.calls, "steps": steps, "moved": moved, "engine_change": (engine_after - engine_before).abs().max().item(),
+        # the trainer's own scoring (what scores pools under verifier.kind=head) gives the engine's P(Yes)
+        verify = [fmt.verify_ids(fmt.prompt_ids(p.prompt), task.tokenizer.encode(text, add_special_tokens=False))
+                  for p in task.eval for text in ("1+2=3", "12+34=46")]
+        scores = (policy.score_yes(verify, fmt.yes_id), engine.engine.score_yes(verify, fmt.yes_id))
+        return {"scores": scores, "calls": engine.calls, "steps": steps, "moved": moved, "engine_change": (engine_after - engine_before).abs().max().item(),
                 "engine_vs_megatron": (engine_after - megatron_lp()).abs().max().item()}
     finally:
         engine.close()
@@ -80,3 +84,6 @@ def test_two_rl_steps_change_loss_weights_and_engine(tmp_path):
     assert out["moved"] > 1e-5
     assert out["engine_change"] > 1e-3  # the engine received the new weights...
     assert out["engine_vs_megatron"] < 1e-4  # ...exactly
+    trainer, engine = out["scores"]
+    seen = [(a, b) for a, b in zip(trainer, engine) if b > 0]  # the engine: 0 when Yes is outside its top-k
+    assert seen and max(abs(a - b) for a, b in seen) < 1e-4

@@ -67,12 +67,26 @@ def sample(cfg: Config, model: str, model_dir: str | None = None) -> dict[int, l
         try:
             fmt = ChatFormat.for_config(task.tokenizer, cfg)
             _check_lengths(cfg, fmt, task.eval, budgets[-1])
+            scorer = head_scorer(cfg, hf)
             engine = make_engine("vllm", str(hf), cfg.rollout)
-            return sample_pools(engine, fmt, task, task.eval, cfg.eval, budgets)
+            return sample_pools(engine, fmt, task, task.eval, cfg.eval, budgets, scorer)
         finally:
             if engine is not None:
                 engine.close()
             task.close()
+
+
+def head_scorer(cfg: Config, hf: Path):
+    """A model exported with a classification head (verifier_head.pt, verifier.kind=head) is scored by its
+    own forward in Megatron, which vLLM cannot do; None for the generative verifier (the engine scores)."""
+    from rlv_megatron.models.verifier_head import HEAD_FILE
+    from rlv_megatron.train.policy import Policy
+
+    if not (hf / HEAD_FILE).is_file():
+        return None
+    head_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=str(hf)),
+                                   verifier=dataclasses.replace(cfg.verifier, kind="head"))
+    return Policy(head_cfg)
 
 
 def run(cfg: Config, model: str | None = None, pool: str | None = None, baseline: str | None = None,

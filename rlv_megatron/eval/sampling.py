@@ -6,10 +6,11 @@ from rlv_megatron.config import EvalConfig
 from rlv_megatron.tasks.chat import ChatFormat
 
 
-def sample_pools(engine, fmt: ChatFormat, task, problems, cfg: EvalConfig, budgets: list[int]
+def sample_pools(engine, fmt: ChatFormat, task, problems, cfg: EvalConfig, budgets: list[int], scorer=None
                  ) -> dict[int, list[list[dict]]]:
     """Per budget (max tokens) and problem, N samples as rows: problem_id, sample, answer, correct, score
-    (P(Yes)), length, logprob_mean, max_tokens, task.
+    (P(Yes)), length, logprob_mean, max_tokens, task. `scorer`: what scores them (its score_yes), default
+    the engine; the trainer's Policy for a classification head (verifier.kind=head).
 
     Samples are drawn once at the largest budget; a smaller budget's pool is the same samples cut to it (a
     sample of max_tokens=b is exactly a sample cut at b). Each distinct (problem, answer) is graded once
@@ -25,7 +26,7 @@ def sample_pools(engine, fmt: ChatFormat, task, problems, cfg: EvalConfig, budge
     answer = {c: task.answer_key(text[c]) for c in cuts}
     correct = grade_by_answer(task.grade, [(flat[c[0]][0], answer[c], text[c]) for c in cuts],
                               [p.answer for p in problems])
-    p_yes = dict(zip(cuts, engine.score_yes([fmt.verify_ids(prompts[flat[j][0]], flat[j][1].token_ids[:n])
+    p_yes = dict(zip(cuts, (scorer or engine).score_yes([fmt.verify_ids(prompts[flat[j][0]], flat[j][1].token_ids[:n])
                                              for j, n in cuts], fmt.yes_id, fmt.score_no_id)))
     pools = {}
     for b in budgets:
@@ -52,15 +53,17 @@ def grade_by_answer(grade, items: list[tuple[int, str | None, str]], golds: list
     return {key: s >= 1.0 for key, s in zip(first, scores)}
 
 
-def sample_pool(engine, fmt: ChatFormat, task, problems, cfg: EvalConfig, max_tokens: int) -> list[list[dict]]:
+def sample_pool(engine, fmt: ChatFormat, task, problems, cfg: EvalConfig, max_tokens: int, scorer=None
+                ) -> list[list[dict]]:
     """The pool at one budget (see sample_pools)."""
-    return sample_pools(engine, fmt, task, problems, cfg, [max_tokens])[max_tokens]
+    return sample_pools(engine, fmt, task, problems, cfg, [max_tokens], scorer)[max_tokens]
 
 
-def evaluate(engine, fmt, task, problems, cfg: EvalConfig, max_tokens: int, keys) -> tuple[dict, list]:
+def evaluate(engine, fmt, task, problems, cfg: EvalConfig, max_tokens: int, keys, scorer=None
+             ) -> tuple[dict, list]:
     """A pool at `max_tokens` and its metrics (eval.metrics.pool_metrics, as `rlv eval` computes them; `keys`:
-    an eval.equivalence.AnswerKeys grouping the answers)."""
+    an eval.equivalence.AnswerKeys grouping the answers; `scorer`: as sample_pools)."""
     from rlv_megatron.eval.metrics import pool_metrics
 
-    pool = sample_pool(engine, fmt, task, problems, cfg, max_tokens)
+    pool = sample_pool(engine, fmt, task, problems, cfg, max_tokens, scorer)
     return pool_metrics(pool, cfg, keys), pool

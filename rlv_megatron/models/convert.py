@@ -151,7 +151,8 @@ def unshard(name: str, shards: list[torch.Tensor]) -> torch.Tensor:
 # ---- a rank's model chunks ------------------------------------------------------------------------
 
 def global_names(chunk: torch.nn.Module) -> dict[str, str]:
-    """Module-local state-dict name -> canonical global name (megatron's own layer_number decides)."""
+    """Module-local state-dict name -> canonical global name (megatron's own layer_number decides); the
+    language model's tensors only (a classification verifier head travels on its own: models/verifier_head.py)."""
     layer_number = {}
     decoder = getattr(chunk, "decoder", None)
     if decoder is not None:
@@ -159,7 +160,7 @@ def global_names(chunk: torch.nn.Module) -> dict[str, str]:
             layer_number[str(i)] = layer.layer_number - 1
     out = {}
     for name in chunk.state_dict():
-        if name.endswith("_extra_state"):
+        if name.endswith("_extra_state") or name.startswith("verifier_head."):  # the head is not the LM's
             continue
         m = _LAYER.match(name)
         if m:

@@ -11,6 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from rlv_megatron.atomic import atomic_dir
+from rlv_megatron.models import verifier_head
 from rlv_megatron.models.convert import iter_hf_tensors, load_hf_into_chunks
 from rlv_megatron.models.hf_config import ModelArch, generation_config_from_arch, hf_config_from_arch
 
@@ -74,8 +75,9 @@ def export_hf(chunks, arch: ModelArch, out_dir: str | Path, dtype: torch.dtype |
     `dtype`: of the written weights; default the model's params_dtype (its training dtype; under bfloat16
     megatron's float32 norm weights are rounded once, as a bfloat16 HF model holds them).
 
-    Each pipeline stage's TP-rank-0 / DP-rank-0 writes one safetensors shard; global rank 0 writes the
-    index, config.json and tokenizer files, then publishes the directory with one rename."""
+    Each pipeline stage's TP-rank-0 / DP-rank-0 writes one safetensors shard (the last stage also a
+    verifier head, models/verifier_head.py); global rank 0 writes the index, config.json and tokenizer
+    files, then publishes the directory with one rename."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
@@ -96,6 +98,9 @@ def export_hf(chunks, arch: ModelArch, out_dir: str | Path, dtype: torch.dtype |
     file = "model.safetensors" if pp == 1 else f"model-{pp_rank + 1:05d}-of-{pp:05d}.safetensors"
     if writer:
         save_file(tensors, str(tmp / file), metadata={"format": "pt"})
+        head = verifier_head.find(chunks)  # verifier.kind=head: on the last stage
+        if head is not None:
+            verifier_head.save(head, tmp, dtype)
     mine = {name: file for name in tensors} if writer else {}
     maps = [None] * dist.get_world_size() if distributed else [mine]
     if distributed:

@@ -100,3 +100,19 @@ def build_sequences(fmt: ChatFormat, prompts: list[list[int]], responses: list[l
                          verify_weight=torch.tensor(verify, dtype=torch.float32),
                          advantages=torch.tensor(advantages, dtype=torch.float32), rollout_logp=rollout_logp,
                          verify_turn=None if verify_turn else torch.zeros(B, dtype=torch.bool))
+
+
+def verification_batch(prompts: list[list[int]], answer_id: int, pad_id: int) -> SequenceBatch:
+    """Verification inputs alone (prompt + response + verify suffix, as ChatFormat.verify_ids), each followed
+    by `answer_id` as the answer target: scoring by the trainer's forward (no policy tokens, no losses)."""
+    seqs = [list(p) + [answer_id] for p in prompts]
+    B, L = len(seqs), max(len(s) for s in seqs) - 1
+    tokens = torch.full((B, L), pad_id, dtype=torch.long)
+    targets = torch.full((B, L), pad_id, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        tokens[i, :len(s) - 1] = torch.tensor(s[:-1])
+        targets[i, :len(s) - 1] = torch.tensor(s[1:])
+    none = torch.zeros(B, L, dtype=torch.bool)
+    return SequenceBatch(tokens, targets, none, none, verify_pos=torch.tensor([len(s) - 2 for s in seqs]),
+                         verify_label=torch.full((B,), answer_id), verify_weight=torch.zeros(B),
+                         advantages=torch.zeros(B), rollout_logp=torch.zeros(B, L))

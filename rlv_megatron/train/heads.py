@@ -79,6 +79,8 @@ def _only_where(fn, targets: torch.Tensor, where: torch.Tensor | None):
 
 
 class LogitsHead:
+    verifier = None  # no hidden states here: verifier.kind=head needs the fused path
+
     def __init__(self, logits: torch.Tensor, vocab: int):
         self.logits, self.vocab = logits, vocab
 
@@ -99,9 +101,17 @@ class LogitsHead:
 
 
 class FusedHead:
-    def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, vocab: int, spec: FusedSpec):
+    def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, vocab: int, spec: FusedSpec,
+                 verifier: torch.nn.Module | None = None):
         self.hidden = hidden.to(weight.dtype)  # Float16Module hands the last stage's output back in fp32
         self.weight, self.vocab, self.spec = weight, vocab, spec
+        self.verifier = verifier  # verifier.kind=head: the classification head (models/verifier_head.py)
+
+    def verifier_logits(self, at: torch.Tensor) -> torch.Tensor:
+        """[n] the classification head's logits at the n positions where `at` is true."""
+        from rlv_megatron.models.verifier_head import logits
+
+        return logits(self.verifier, self.hidden[at])
 
     def _run(self, h, targets, temperature):
         return fused_logprobs(h, self.weight, targets, self.vocab, temperature,
@@ -128,4 +138,4 @@ def make_head(model: torch.nn.Module, output: torch.Tensor, vocab: int):
         return LogitsHead(output, vocab)
     tied = gpt.share_embeddings_and_output_weights  # else shared_embedding_or_output_weight() is the input's
     return FusedHead(output, gpt.shared_embedding_or_output_weight() if tied else gpt.output_layer.weight,
-                     vocab, spec)
+                     vocab, spec, getattr(gpt, "verifier_head", None))

@@ -273,7 +273,8 @@ def train_one(step, policy, engine, task, fmt, cfg, metrics, out_dir, place, sou
     evaluate_now = cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and not last
     if ahead is not None and (evaluate_now or last):  # evaluations (and the final one) see the newest weights
         ahead.settle(step + 1)
-    evals = [run_eval(step, engine, task, fmt, cfg, metrics)] if lead and evaluate_now else []
+    evals = [run_eval(step, engine, task, fmt, cfg, metrics, pool_scorer(policy, cfg))] if lead and evaluate_now \
+        else []
     keep = cfg.train.keep_checkpoints
     if keep and (cfg.train.save_every and (step + 1) % cfg.train.save_every == 0 or last):
         inflight = ahead.inflight() if ahead is not None else {}  # waits for the generations in flight
@@ -289,8 +290,14 @@ def train_one(step, policy, engine, task, fmt, cfg, metrics, out_dir, place, sou
     return evals
 
 
-def run_eval(step, engine, task, fmt, cfg, metrics) -> dict:
+def pool_scorer(policy, cfg):
+    """What scores an evaluation pool: the engine (None), or under verifier.kind=head the policy's own
+    forward (vLLM cannot run a classification head)."""
+    return policy if cfg.verifier.kind == "head" else None
+
+
+def run_eval(step, engine, task, fmt, cfg, metrics, scorer=None) -> dict:
     with metrics.timer("eval"), AnswerKeys(cfg.task.grader_workers, cfg.task.grader_timeout_s) as keys:
-        result, _ = evaluate(engine, fmt, task, task.eval, cfg.eval, cfg.algo.max_tokens, keys)
+        result, _ = evaluate(engine, fmt, task, task.eval, cfg.eval, cfg.algo.max_tokens, keys, scorer)
     metrics.log(step, {f"eval/{k}": v for k, v in result.items()})
     return {"step": step, **result}

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from rlv_megatron.config import Config, ConfigError
+from rlv_megatron.models import verifier_head
 from rlv_megatron.models.builder import build_model, padded_vocab_size, resolve_impl
 from rlv_megatron.models.convert import iter_hf_tensors
 from rlv_megatron.models.hf_config import ModelArch, load_arch
@@ -58,6 +59,8 @@ class Policy:
             load_hf_weights(self.model_chunks, cfg.model.path, arch,
                             padded_vocab_size(arch.vocab_size, cfg.model.make_vocab_size_divisible_by,
                                               cfg.parallel.tp))
+        if cfg.verifier.kind == "head":
+            verifier_head.attach(self.model_chunks, cfg.model.path)  # before DDP: its buffers include the head
         self.vocab = arch.vocab_size
         self._use_head(self.model_chunks)
         self.groups = Groups.current(cfg.parallel.sequence_parallel)
@@ -147,6 +150,20 @@ class Policy:
         stats["grad_norm"] = float(grad_norm)
         stats["train/micro_batches"] = float(len(mbs))
         return stats
+
+    def score_yes(self, prompts: list[list[int]], yes_id: int, no_id: int | None = None, batch_size: int = 512
+                  ) -> list[float]:
+        """The verifier's score of each verification input by this model's own forward, as an engine's
+        score_yes: a classification head's sigmoid (verifier.kind=head, which vLLM cannot run), else P("Yes")
+        (over {Yes, No} with `no_id`). Collective over the model-parallel group."""
+        from rlv_megatron.train.batch import verification_batch
+        from rlv_megatron.train.step import score
+
+        out: list[float] = []
+        for i in range(0, len(prompts), batch_size):
+            batch = verification_batch(prompts[i:i + batch_size], yes_id, pad_id=0)
+            out += score(self.chunks, batch, self.vocab, 1.0, yes_id, no_id, self.cfg.train, self.groups)[1].tolist()
+        return out
 
     def freeze_reference(self) -> None:
         """Snapshot the current weights as the KL reference (after the warm start; only when kl_beta > 0)."""

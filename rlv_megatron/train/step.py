@@ -21,6 +21,7 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from rlv_megatron.algos.losses import Totals, aggregation_weights, ppo_terms, verifier_ce
 from rlv_megatron.dist import all_reduce_host
@@ -47,6 +48,21 @@ def _answer_logprobs(head, mb, yes_id, no_id):
     label = mb.fields["target"][at].long()[:, None]
     lp = head.answer_logprobs(at, torch.cat([label, torch.tensor([yes_id, no_id]).expand(len(label), 2)], 1))
     return at, lp[:, 0], lp[:, 1], lp[:, 2]
+
+
+def verifier_terms(head, mb, yes_id: int, no_id: int, mode: str = "full", renormalise: bool = False):
+    """At the verification answer positions `at`: (at, per-example loss [n], score [n]). The generative
+    verifier: the label token's CE (verifier_ce by `mode`) and P("Yes"), over {Yes, No} when `renormalise`;
+    a classification head (verifier.kind=head): the binary cross-entropy of its logit against label == Yes,
+    and its sigmoid."""
+    if head.verifier is not None:
+        at = mb.fields["answer"] > 0
+        z = head.verifier_logits(at)
+        y = (mb.fields["target"][at].long() == yes_id).float()
+        return at, F.binary_cross_entropy_with_logits(z, y, reduction="none"), torch.sigmoid(z)
+    at, lp_label, lp_yes, lp_no = _answer_logprobs(head, mb, yes_id, no_id)
+    return at, verifier_ce(lp_label, lp_yes, lp_no, mode), yes_score_from_logprobs(lp_yes,
+                                                                                   lp_no if renormalise else None)
 
 
 def token_fields(batch: SequenceBatch) -> dict[str, torch.Tensor]:
@@ -98,11 +114,11 @@ def rl_objective(batch: SequenceBatch, old_logp, algo, ver, vocab, yes_id, no_id
         if old_logp is None:
             outputs["logp"] = logp.detach()
         if verifies:
-            at, lp_label, lp_yes, lp_no = _answer_logprobs(head, mb, yes_id, no_id)
-            ver_loss = (verifier_ce(lp_label, lp_yes, lp_no, ver.loss) * f["verify_w"][at]).sum()
+            at, ce, p_yes = verifier_terms(head, mb, yes_id, no_id, ver.loss, renormalise=score_no_id is not None)
+            ver_loss = (ce * f["verify_w"][at]).sum()
             if old_logp is None:
                 score = torch.zeros_like(logp)
-                score[at] = yes_score_from_logprobs(lp_yes, lp_no if score_no_id is not None else None).detach()
+                score[at] = p_yes.detach()
                 outputs["score"] = score
         total = pol_loss + ver.lam * ver_loss if ver.lam > 0 else pol_loss
         tw = f["tok_w"]
@@ -125,8 +141,8 @@ def sft_objective(batch: SequenceBatch, vocab, yes_id, no_id, verifier_mode, dp_
     def loss(head, mb):
         logp, _ = head.token_logprobs(mb.fields["target"].long(), where=mb.fields["w"] != 0)
         token_ce = -(logp * mb.fields["w"]).sum()
-        at, lp_label, lp_yes, lp_no = _answer_logprobs(head, mb, yes_id, no_id)
-        ver_ce = (verifier_ce(lp_label, lp_yes, lp_no, verifier_mode) * mb.fields["verify_w"][at]).sum()
+        at, ce, _ = verifier_terms(head, mb, yes_id, no_id, verifier_mode)
+        ver_ce = (ce * mb.fields["verify_w"][at]).sum()
         return token_ce + ver_ce, {"sft/token_ce": token_ce, "sft/verifier_ce": ver_ce}, {}
 
     return Objective(fields, loss, ("sft/token_ce", "sft/verifier_ce"), vocab)
@@ -185,9 +201,10 @@ def score_micro_batches(chunks, mbs, vocab, temperature, yes_id, no_id=None):
     or renormalised over {Yes, No} when `no_id` is given (as verifier.yes_score)."""
     def on_head(head, mb):
         logp, _ = head.token_logprobs(mb.fields["target"].long(), temperature)
-        at, _, lp_yes, lp_no = _answer_logprobs(head, mb, yes_id, yes_id if no_id is None else no_id)
+        at, _, p_yes = verifier_terms(head, mb, yes_id, yes_id if no_id is None else no_id,
+                                      renormalise=no_id is not None)
         score = torch.zeros_like(logp)
-        score[at] = yes_score_from_logprobs(lp_yes, None if no_id is None else lp_no)
+        score[at] = p_yes
         return logp, score
 
     return run_schedule(chunks, mbs, on_head, forward_only=True, vocab=vocab)
