@@ -36,6 +36,7 @@ def _cmd_export(args) -> int:
     from pathlib import Path
 
     from rlv_megatron.config import Config
+    from rlv_megatron.models.verifier_head import HEAD_FILE
     from rlv_megatron.train.policy import Policy
     from rlv_megatron.train import checkpoint
 
@@ -54,6 +55,8 @@ def _cmd_export(args) -> int:
     cfg = Config()
     cfg.model.path = str(model_dir)
     cfg.model.params_dtype = checkpoint.params_dtype(step_dir)  # the model as trained: loads it exactly
+    if (model_dir / HEAD_FILE).is_file():  # a run with verifier.kind=head: its checkpoint holds the head
+        cfg.verifier.kind = "head"
     policy = Policy(cfg)
     checkpoint.load(policy, step_dir, optimizer=False)
     tokenizer = None

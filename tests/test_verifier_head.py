@@ -1,6 +1,9 @@
 """The classification-head verifier (verifier.kind=head): its loss and score against the formulas, training,
 checkpoint, export and the scores of an exported model; the config's refusals."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -103,6 +106,13 @@ def test_head_trains_checkpoints_exports_and_scores(tmp_path):
     assert out["head_file"] in out["files"] and "model.safetensors" in out["files"]
     assert out["export_scores"] == pytest.approx(out["scores"], abs=1e-6)
     assert out["rlv_eval_scores"] == pytest.approx(out["scores"], abs=1e-6) and out["plain_scorer"] is None
+    # `rlv export` of the checkpoint (the run's start/ has a head): the trained head comes out too
+    done = subprocess.run([sys.executable, "-m", "rlv_megatron.cli", "export", str(tmp_path / "ckpt"),
+                           str(tmp_path / "again"), "--model", str(tmp_path / "export")], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    a, b = (torch.load(tmp_path / d / out["head_file"], weights_only=True) for d in ("export", "again"))
+    assert all(torch.equal(a[k], b[k]) for k in a) and a["weight"].abs().max() > 0
 
 
 @pytest.mark.parametrize("overrides, message", [
