@@ -8,7 +8,8 @@ Starts (SFT warm starts, 600 steps, evaluated like the arms):
 Arms (100 RL steps from `warm` unless stated):
   lam0 .. lam3    GRPO with lambda in {0, 0.1, 0.3, 1, 3} (lam0: base GRPO judging itself)
   head            GRPO^V with the classification head, from warm_head
-  rloo_v / rloo   leave-one-out PPO(^V): 2 epochs x 4 mini-batches, no std normalisation, lambda 1 / 0
+  rloo_v / rloo   leave-one-out PPO(^V): 2 epochs x 4 mini-batches, no std normalisation, lambda 1 / 0, at
+                  lr 2.5e-5 (the recipe's 2e-4 / 8 updates); *_lr2e-4: the same at 2e-4, which collapsed
   drgrpo_v / drgrpo  Dr.GRPO(^V), lambda 1 / 0
   kl_v / kl       the diversity mitigation: a k3 KL to the warm start (algo.kl_beta), lambda 1 / 0
   faithful        GRPO^V from warm_noverify, 300 steps, evaluated every 25; the two-way Yes/No loss
@@ -45,13 +46,17 @@ KEYS = ("pass@1", "pass@16", "majority@16", "weighted@16", "best_of@16", "verifi
         "verifier_ece", "answers_per_problem")
 STARTS = {"warm": [], "warm_head": ["verifier.kind=head"], "warm_noverify": ["sft.verify=false"]}
 LOO = ["algo.advantage=rloo", "algo.ppo_epochs=2", "algo.ppo_minibatches=4"]
+# 8 Adam updates a step at the recipe's lr (2e-4, tuned for one) collapsed both LOO arms (first attempt, kept
+# in the table); lr / 8 moves the weights about as far per step as one update does
+LOO_LR = ["optim.lr=2.5e-5"]
 DR = ["algo.advantage=dr_grpo", "algo.loss_agg=constant"]
 KL = ["algo.kl_beta=0.05"]
 # arm -> (start, overrides)
 ARMS = {
     **{f"lam{lam:g}": ("warm", [f"verifier.lam={lam}"]) for lam in (0, 0.1, 0.3, 1, 3)},
     "head": ("warm_head", ["verifier.kind=head", "verifier.lam=1"]),
-    "rloo_v": ("warm", LOO + ["verifier.lam=1"]), "rloo": ("warm", LOO + ["verifier.lam=0"]),
+    "rloo_v": ("warm", LOO + LOO_LR + ["verifier.lam=1"]), "rloo": ("warm", LOO + LOO_LR + ["verifier.lam=0"]),
+    "rloo_v_lr2e-4": ("warm", LOO + ["verifier.lam=1"]), "rloo_lr2e-4": ("warm", LOO + ["verifier.lam=0"]),
     "drgrpo_v": ("warm", DR + ["verifier.lam=1"]), "drgrpo": ("warm", DR + ["verifier.lam=0"]),
     "kl_v": ("warm", KL + ["verifier.lam=1"]), "kl": ("warm", KL + ["verifier.lam=0"]),
     # two-way Yes/No loss: after an SFT without the format, Yes/No hold almost no probability at the verify
