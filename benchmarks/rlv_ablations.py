@@ -11,7 +11,8 @@ Arms (100 RL steps from `warm` unless stated):
   rloo_v / rloo   leave-one-out PPO(^V): 2 epochs x 4 mini-batches, no std normalisation, lambda 1 / 0, at
                   lr 2.5e-5 (the recipe's 2e-4 / 8 updates); *_lr2e-4: the same at 2e-4, which collapsed
   drgrpo_v / drgrpo  Dr.GRPO(^V), lambda 1 / 0
-  kl_v / kl       the diversity mitigation: a k3 KL to the warm start (algo.kl_beta), lambda 1 / 0
+  kl_v / kl       the diversity mitigation: a k3 KL to the warm start (algo.kl_beta=0.05), lambda 1 / 0;
+                  kl_strong_v / kl_strong: the same at algo.kl_beta=0.3
   faithful        GRPO^V from warm_noverify, 300 steps, evaluated every 25; the two-way Yes/No loss
                   (verifier.loss=yes_no), as the full-vocabulary CE starts near 13 from such a start
 Evaluations without training:
@@ -51,6 +52,7 @@ LOO = ["algo.advantage=rloo", "algo.ppo_epochs=2", "algo.ppo_minibatches=4"]
 LOO_LR = ["optim.lr=2.5e-5"]
 DR = ["algo.advantage=dr_grpo", "algo.loss_agg=constant"]
 KL = ["algo.kl_beta=0.05"]
+KL_STRONG = ["algo.kl_beta=0.3"]
 # arm -> (start, overrides)
 ARMS = {
     **{f"lam{lam:g}": ("warm", [f"verifier.lam={lam}"]) for lam in (0, 0.1, 0.3, 1, 3)},
@@ -59,6 +61,7 @@ ARMS = {
     "rloo_v_lr2e-4": ("warm", LOO + ["verifier.lam=1"]), "rloo_lr2e-4": ("warm", LOO + ["verifier.lam=0"]),
     "drgrpo_v": ("warm", DR + ["verifier.lam=1"]), "drgrpo": ("warm", DR + ["verifier.lam=0"]),
     "kl_v": ("warm", KL + ["verifier.lam=1"]), "kl": ("warm", KL + ["verifier.lam=0"]),
+    "kl_strong_v": ("warm", KL_STRONG + ["verifier.lam=1"]), "kl_strong": ("warm", KL_STRONG + ["verifier.lam=0"]),
     # two-way Yes/No loss: after an SFT without the format, Yes/No hold almost no probability at the verify
     # position and the full-vocabulary CE starts near 13 (docs: toy findings, where it wrecked the policy)
     "faithful": ("warm_noverify", ["verifier.lam=1", "verifier.loss=yes_no", "train.steps=300",
