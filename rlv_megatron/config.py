@@ -190,6 +190,26 @@ class EvalConfig:
 
 
 @dataclass
+class ServeConfig:
+    """`rlv serve` (rlv_megatron/serve/): the server and the defaults of a request's test-time strategy."""
+    host: str = "127.0.0.1"
+    port: int = 8000
+    model_name: Optional[str] = None  # the id /v1/models lists and replies carry (None: the model directory's name)
+    strategy: str = "weighted"  # single | majority | weighted (verifier-weighted voting) | best_of
+    n: int = 8  # samples per request (single: 1)
+    adaptive: bool = False  # draw serve.round_size samples at a time until the confidence reaches min_confidence
+    round_size: int = 4
+    min_confidence: float = 0.8  # adaptive: the winning answer's share (serve/strategy.py) that stops sampling
+    max_samples: int = 32  # adaptive: the most samples a request draws
+    max_n: int = 64  # the most samples a client may ask for (n, max_samples)
+    max_tokens: Optional[int] = None  # response budget when a request sets none (None: algo.max_tokens)
+    temperature: Optional[float] = None  # when a request sets none (None: eval.temperature)
+    top_p: float = 1.0
+    request_timeout_s: float = 300.0  # a request still unanswered after this gets HTTP 504
+    batch_wait_s: float = 0.01  # how long the engine waits for more requests to batch with the first
+
+
+@dataclass
 class TrainConfig:
     steps: int = 100  # RL steps
     seed: int = 0  # every draw is seeded per (seed, step, stream): runs and resumes repeat exactly
@@ -228,6 +248,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
@@ -253,7 +274,24 @@ _CHOICES = {
     "task.name": ("subset_sum", "math", "gsm8k"),
     "task.prompt_format": ("chat", "raw"),
     "eval.score_kind": ("probability", "logit", "reward"),
+    "serve.strategy": ("single", "majority", "weighted", "best_of"),
 }
+
+
+def check_serve(cfg: Config) -> None:
+    """The server's defaults obey the rules of a request's fields (serve/params.py)."""
+    from rlv_megatron.serve.params import BadRequest, parse, server_defaults
+
+    serve = server_defaults(cfg)
+    if not 0 < serve.port < 65536:
+        raise ConfigError(f"serve.port={serve.port}: must be in 1..65535")
+    for name in ("request_timeout_s", "batch_wait_s"):
+        if not getattr(serve, name) >= 0:
+            raise ConfigError(f"serve.{name}={getattr(serve, name)}: must be >= 0")
+    try:
+        parse({}, serve)
+    except BadRequest as e:
+        raise ConfigError(f"serve.{e.field}: {e.message}") from None
 
 
 def usable_cores() -> list[int]:
@@ -411,6 +449,7 @@ def validate(cfg: Config, arch=None) -> None:
         if cfg.parallel.tp * cfg.parallel.pp > 1:
             raise ConfigError(f"verifier.kind=head with parallel.tp={cfg.parallel.tp}, parallel.pp={cfg.parallel.pp}: "
                               "its pools are scored by the trainer's forward on one rank, so both must be 1")
+    check_serve(cfg)
     if cfg.verifier.lam < 0:
         raise ConfigError(f"verifier.lam={cfg.verifier.lam}: must be >= 0")
     if cfg.algo.advantage in ("grpo", "rloo") and cfg.algo.group_size < 2:

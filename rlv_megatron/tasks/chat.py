@@ -62,8 +62,11 @@ class ChatFormat:
     def prompt_ids(self, problem: str) -> list[int]:
         if self.raw:
             return self.tokenizer.encode(problem)  # with BOS where the tokenizer adds one
-        text = self.tokenizer.apply_chat_template([{"role": "user", "content": problem}],
-                                                  add_generation_prompt=True, tokenize=False)
+        return self.conversation_ids([{"role": "user", "content": problem}])
+
+    def conversation_ids(self, messages: list[dict]) -> list[int]:
+        """The chat template over `messages` (role, content), then the assistant's generation prompt."""
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return self.tokenizer.encode(text, add_special_tokens=False)  # the template already has BOS
 
     def verify_ids(self, prompt_ids: list[int], response_ids: list[int]) -> list[int]:

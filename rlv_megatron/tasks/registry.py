@@ -30,6 +30,15 @@ def make_task(cfg: TaskConfig, question: str, num_eval: int, seed: int = 0, toke
     return TASKS.lookup(cfg.name)(cfg, question, num_eval, seed, tokenizer_path)
 
 
+def answer_extractor(name: str) -> Callable[[str], str | None]:
+    """The answer a task reads from a response (None: no answer), by task.name."""
+    from rlv_megatron.tasks import graders, subset_sum
+
+    TASKS.lookup(name)  # an unknown name fails as the config field
+    return {"subset_sum": subset_sum.extract_answer, "math": graders.extract_boxed,
+            "gsm8k": graders.extract_gsm8k}[name]
+
+
 @register_task("subset_sum")
 def _subset_sum(cfg: TaskConfig, question: str, num_eval: int, seed: int, tokenizer_path=None) -> Task:
     from rlv_megatron.tasks import subset_sum as ss
@@ -55,7 +64,7 @@ def _subset_sum(cfg: TaskConfig, question: str, num_eval: int, seed: int, tokeni
         return good, bad
 
     return Task("subset_sum", held_out, lambda n, seed: ss.problems(n, seed=seed, cfg=scfg, exclude=exclude),
-                _subset_sum_tokenizer(question, tokenizer_path), grade, ss.extract_answer, sft_pairs)
+                _subset_sum_tokenizer(question, tokenizer_path), grade, answer_extractor("subset_sum"), sft_pairs)
 
 
 def _subset_sum_tokenizer(question: str, model_dir: str | None):
@@ -76,7 +85,7 @@ def _subset_sum_tokenizer(question: str, model_dir: str | None):
     return AutoTokenizer.from_pretrained(model_dir)
 
 
-def _dataset_task(name: str, grader: str, loader_name: str, answer_key_name: str):
+def _dataset_task(name: str, grader: str, loader_name: str):
     """MATH / GSM8K (or any user jsonl/parquet with the same fields), graded in a process pool."""
 
     def make(cfg: TaskConfig, question: str, num_eval: int, seed: int, tokenizer_path=None) -> Task:
@@ -95,10 +104,10 @@ def _dataset_task(name: str, grader: str, loader_name: str, answer_key_name: str
         pool = graders.GraderPool(grader, workers=cfg.grader_workers, timeout_s=cfg.grader_timeout_s)
         return Task(name, held_out, lambda n, seed: random.Random(seed).sample(train, n),
                     AutoTokenizer.from_pretrained(tokenizer_path), pool.grade,
-                    getattr(graders, answer_key_name), close=pool.close)
+                    answer_extractor(name), close=pool.close)
 
     register_task(name)(make)
 
 
-_dataset_task("math", "math", "load_math", "extract_boxed")
-_dataset_task("gsm8k", "gsm8k", "load_gsm8k", "extract_gsm8k")
+_dataset_task("math", "math", "load_math")
+_dataset_task("gsm8k", "gsm8k", "load_gsm8k")

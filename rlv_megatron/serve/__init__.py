@@ -1,0 +1,1 @@
+"""`rlv serve`: the reasoner-verifier behind an OpenAI-compatible API, answering with its own verifier."""
