@@ -178,6 +178,40 @@ def test_engine_failure_fails_every_open_request():
             later.future.result(timeout=0)
 
 
+def test_a_dead_engine_fails_the_requests_blocked_on_it():
+    """vLLM can block for good on a request sent as its engine process dies: the watcher fails it."""
+    entered, release = threading.Event(), threading.Event()
+
+    class Blocked(ScriptedEngine):
+        is_dead = False
+
+        def generate(self, *a, **k):
+            entered.set()
+            release.wait(10)
+            return [[]]
+
+        def dead(self):
+            return self.is_dead
+
+    engine = Blocked([], {})
+    with AnswerKeys(workers=1) as keys:
+        worker = Worker(engine, engine, Fmt(), "subset_sum", str, keys, SERVE)
+        job = worker.submit([1], parse({"seed": 1}, SERVE))
+        stop = threading.Event()
+        thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
+        thread.start()
+        assert entered.wait(10)
+        worker.check_engine()
+        assert not job.future.done()  # alive: the request waits
+        engine.is_dead = True
+        worker.check_engine()
+        with pytest.raises(EngineFailure, match="process died"):
+            job.future.result(timeout=1)
+        release.set()
+        stop.set()
+        thread.join(10)
+
+
 def test_check_length_names_the_field():
     from rlv_megatron.serve.app import check_length
 

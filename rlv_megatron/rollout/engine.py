@@ -233,6 +233,12 @@ class VLLMEngine:
             self.llm.wake_up()
             self._asleep = False
 
+    def dead(self) -> bool:
+        """Whether vLLM saw its engine process die: a request sent just before its monitor noticed can wait
+        forever, so a server watches this flag instead."""
+        core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
+        return bool(getattr(getattr(core, "resources", None), "engine_dead", False))
+
     def close(self) -> None:
         if self._buffer is not None:
             self._buffer.close()

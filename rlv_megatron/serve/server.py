@@ -1,4 +1,5 @@
-"""`rlv serve` as a function: the engine in this (main) thread, the HTTP server in a thread beside it."""
+"""`rlv serve` as a function: the engine's rounds and the HTTP server each in a thread; the main thread takes
+the signals and watches the engine's process (a call to a dead engine can block its thread for good)."""
 
 from __future__ import annotations
 
@@ -57,9 +58,14 @@ def run(cfg, model: str, model_dir: str | None = None) -> None:
                                      "serve.port): is the port taken?")
                 for sig in (signal.SIGINT, signal.SIGTERM):
                     signal.signal(sig, lambda *_: stop.set())
+                rounds = threading.Thread(target=worker.run, args=(stop,), name="engine", daemon=True)
+                rounds.start()
                 print(f"serving {name} at http://{serve.host}:{serve.port}/v1 (strategy {serve.strategy}, "
                       f"n {serve.n}{', adaptive' if serve.adaptive else ''})", flush=True)
-                worker.run(stop)
+                while not stop.wait(0.5):
+                    worker.check_engine()
+                rounds.join(10)
+                print("server stopped", flush=True)
         finally:
             if server is not None:
                 server.should_exit = True

@@ -89,9 +89,16 @@ class Worker:
             except queue.Empty:
                 return
 
+    def check_engine(self) -> None:
+        """From another thread: fail every open request once the engine's process is dead (the engine
+        thread may be blocked for good in a call to it)."""
+        dead = getattr(self.engine, "dead", None)
+        if self.failure is None and dead is not None and dead():
+            self.fail("the engine's process died")
+
     def fail(self, why: str) -> None:
         self.failure = self.failure or why
-        pending = self.active + _drain(self.inbox)
+        pending = list(self.active) + _drain(self.inbox)
         self.active = []
         for job in pending:
             if not job.future.done():
