@@ -215,15 +215,21 @@ def seed_mean(runs: dict, name: str, seeds, pick=lambda r: r["metrics"]) -> dict
         "_n": len(rows)}
 
 
-def fmt_row(name: str, m: dict | None) -> str:
+def fmt_row(name: str, m: dict | None, per_seed: list[float] | None = None) -> str:
+    """A table row; `per_seed`: each seed's weighted@16 (the spread behind the mean)."""
     if m is None:
-        return f"| {name} | " + " | ".join("not run" for _ in KEYS) + " |"
+        return f"| {name} | " + " | ".join("not run" for _ in KEYS) + " | |"
     cells = []
     for k in KEYS:
         v = m.get(k)
         cells.append("n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}")
     seeds = m.get("_n")
-    return f"| {name}{'' if seeds is None else f' ({seeds} seeds)'} | " + " | ".join(cells) + " |"
+    spread = " / ".join(f"{v:.3f}" for v in per_seed or [])
+    return f"| {name}{'' if seeds is None else f' ({seeds} seeds)'} | " + " | ".join(cells) + f" | {spread} |"
+
+
+def per_seed(runs: dict, name: str, seeds, pick=lambda r: r["metrics"]) -> list[float]:
+    return [pick(runs[f"{name}_seed{s}"])["weighted@16"] for s in seeds if f"{name}_seed{s}" in runs]
 
 
 def efficiency_rows(rlv: dict, base: dict) -> list[str]:
@@ -244,25 +250,27 @@ def efficiency_rows(rlv: dict, base: dict) -> list[str]:
 
 
 def summary(runs: dict, seeds) -> str:
-    head = "| arm | " + " | ".join(KEYS) + " |"
-    rule = "|---|" + "---:|" * len(KEYS)
+    head = "| arm | " + " | ".join(KEYS) + " | weighted@16 per seed |"
+    rule = "|---|" + "---:|" * (len(KEYS) + 1)
     out = ["### Arms (seed means; warm starts are one run)", "", head, rule]
     for start in STARTS:
         out.append(fmt_row(start, runs.get(start, {}).get("metrics")))
     for arm in ARMS:
-        out.append(fmt_row(arm, seed_mean(runs, arm, seeds)))
-    judged = {kind: seed_mean(runs, "judge", seeds, lambda r, k=kind: r[k]["metrics"]) for kind in ("separate", "self")}
-    out.append(fmt_row("lam0 judged by the frozen warm start", judged["separate"]))
-    out.append(fmt_row("lam0 judged by itself (re-scored)", judged["self"]))
+        out.append(fmt_row(arm, seed_mean(runs, arm, seeds), per_seed(runs, arm, seeds)))
+    for kind, label in (("separate", "lam0 judged by the frozen warm start"), ("self", "lam0 judged by itself (re-scored)")):
+        pick = lambda r, k=kind: r[k]["metrics"]  # noqa: E731
+        out.append(fmt_row(label, seed_mean(runs, "judge", seeds, pick), per_seed(runs, "judge", seeds, pick)))
     drift = [runs[f"judge_seed{s}"]["self"]["max_score_change"] for s in seeds if f"judge_seed{s}" in runs]
     if drift:
         out.append(f"\nSelf re-score check: largest change of a score {max(drift):.2e} (the pool's own scores).")
     for shift in SHIFTS:
         out += ["", f"### {shift}: " + " ".join(SHIFTS[shift]), "", head, rule]
         for model in SHIFTED_MODELS:
-            m = runs.get(f"{shift}_{model}", {}).get("metrics") if model == "warm" else \
-                seed_mean(runs, f"{shift}_{model}", seeds)
-            out.append(fmt_row(model, m))
+            if model == "warm":
+                out.append(fmt_row(model, runs.get(f"{shift}_{model}", {}).get("metrics")))
+            else:
+                out.append(fmt_row(model, seed_mean(runs, f"{shift}_{model}", seeds),
+                                   per_seed(runs, f"{shift}_{model}", seeds)))
     rlv, base = seed_mean(runs, "lam1", seeds), seed_mean(runs, "lam0", seeds)
     if rlv and base:
         out += ["", "### Compute efficiency: samples base GRPO's best vote needs for RL^V's weighted@k", "",
