@@ -11,7 +11,7 @@ latency at 1 and 8 concurrent clients. Everything goes through a live server and
 - Latency: the default request (weighted, n=8) from 1 client, then from 8 at once; p50/p95 per request.
 Accuracy is the task's grader on the reply's solution. Needs a trained model: `python recipes/tiny_cpu.py`
 writes runs/tiny_cpu/model.
-Usage: python benchmarks/serve.py [--model runs/tiny_cpu/model] [--problems 200]   (about 10 minutes)
+Usage: python benchmarks/serve.py [--model runs/tiny_cpu/model] [--problems 200]   (about 5 minutes)
 """
 
 import argparse
