@@ -304,3 +304,26 @@ def test_http_timeout_and_engine_failure(client_for):
     r = chat(client, 1)
     assert r.status_code == 503 and "EngineCore died" in r.json()["error"]["message"]
     assert client.get("/health").status_code == 503
+
+
+def test_chat_messages_are_checked():
+    from rlv_megatron.serve.app import chat_prompt
+
+    class Refusing(Fmt):
+        raw = False
+
+        def conversation_ids(self, messages):
+            raise ValueError("Conversation roles must alternate user/assistant")
+
+    for messages, field in (([{"role": "robot", "content": "x"}], "messages[0].role"),
+                            ([{"role": "user", "content": 3}], "messages[0].content"),
+                            ([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], "messages")):
+        with pytest.raises(BadRequest) as e:
+            chat_prompt(Refusing(), {"messages": messages})
+        assert e.value.field == field
+    with pytest.raises(BadRequest, match="chat template refused them: Conversation roles"):
+        chat_prompt(Refusing(), {"messages": [{"role": "user", "content": "x"}]})
+    parts = [{"type": "text", "text": "1,2"}, {"type": "text", "text": ":3"}]
+    fmt = Refusing()
+    fmt.conversation_ids = lambda messages: messages
+    assert chat_prompt(fmt, {"messages": [{"role": "user", "content": parts}]}) == [{"role": "user", "content": "1,2:3"}]

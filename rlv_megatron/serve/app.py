@@ -69,7 +69,10 @@ def chat_prompt(fmt, body: dict) -> list[int]:
         if len(clean) != 1:
             raise BadRequest("messages", "task.prompt_format=raw: one user message (the problem) only")
         return fmt.prompt_ids(clean[0]["content"])
-    return fmt.conversation_ids(clean)
+    try:
+        return fmt.conversation_ids(clean)
+    except Exception as e:  # noqa: BLE001 - jinja's errors (e.g. a role the template refuses) are the client's
+        raise BadRequest("messages", f"the model's chat template refused them: {e}") from None
 
 
 def completion_prompt(fmt, body: dict) -> list[int]:
