@@ -37,9 +37,15 @@ class Job:
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
 
     def answer(self, decision: Decision) -> None:
+        self._settle(lambda f: f.set_result(decision))
+
+    def refuse(self, error: Exception) -> None:
+        self._settle(lambda f: f.set_exception(error))
+
+    def _settle(self, set_outcome) -> None:
         if not self.future.done():
             try:
-                self.future.set_result(decision)
+                set_outcome(self.future)
             except concurrent.futures.InvalidStateError:  # the client gave up in between
                 pass
 
@@ -58,7 +64,7 @@ class Worker:
     def submit(self, prompt: list[int], params: Params) -> Job:
         job = Job(list(prompt), params)
         if self.failure is not None:
-            job.future.set_exception(EngineFailure(self.failure))
+            job.refuse(EngineFailure(self.failure))
         else:
             self.inbox.put(job)
         return job
@@ -101,11 +107,7 @@ class Worker:
         pending = list(self.active) + _drain(self.inbox)
         self.active = []
         for job in pending:
-            if not job.future.done():
-                try:
-                    job.future.set_exception(EngineFailure(self.failure))
-                except concurrent.futures.InvalidStateError:
-                    pass
+            job.refuse(EngineFailure(self.failure))
 
     def step(self, jobs: list[Job]) -> None:
         """One round for each of `jobs`; answers those that are done."""
