@@ -9,7 +9,9 @@ import math
 import random
 from dataclasses import dataclass
 
-STRATEGIES = ("single", "majority", "weighted", "best_of")
+from rlv_megatron.config import _CHOICES
+
+STRATEGIES = _CHOICES["serve.strategy"]  # serve/strategy.py defines each
 
 
 class BadRequest(ValueError):
