@@ -25,7 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # `section.x` in messages that are Hugging Face names, not config fields
 NOT_FIELDS = {"model.safetensors", "model.embed_tokens", "model.norm"}
 # a field name filled in at run time, checked by hand: task.{train_path, eval_path}
-DYNAMIC = {("rlv_megatron/tasks/registry.py", "task.{}")}
+# serve.{}: check_serve names serve's numeric fields and the request field parse() refused, each a ServeConfig
+# field (tests/test_serve_units.py checks serve.strategy and serve.max_samples through validate)
+DYNAMIC = {("rlv_megatron/tasks/registry.py", "task.{}"), ("rlv_megatron/config.py", "serve.{}")}
 
 
 def _fields() -> dict[str, set[str]]:
