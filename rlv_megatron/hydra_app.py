@@ -1,6 +1,8 @@
 """Hydra glue: the typed schema as the `base` config, so YAML and CLI overrides are checked against it
 (an unknown key or a wrong type fails at start-up naming the field)."""
 
+import contextlib
+
 from hydra.core.config_store import ConfigStore
 
 from rlv_megatron.config import Config
@@ -53,6 +55,29 @@ def run_recipe(cfg) -> None:
         print(f"{gpus} GPUs: relaunching as {' '.join(command)}", flush=True)
         os.execv(command[0], command)
 
-    path = run(OmegaConf.to_object(cfg))
+    with user_errors_as_one_line():
+        path = run(OmegaConf.to_object(cfg))
     if path is not None:
         print(path)
+
+
+@contextlib.contextmanager
+def user_errors_as_one_line():
+    """A config, data, model or checkpoint error (they name the field or file:line) ends a recipe with one line
+    on stderr and exit status 2, as the `rlv` commands do; RLV_TRACEBACK=1 shows the traceback instead."""
+    import os
+    import sys
+
+    from rlv_megatron.assets import AssetError
+    from rlv_megatron.config import ConfigError
+    from rlv_megatron.models.hf_config import UnsupportedConfig
+    from rlv_megatron.tasks.math_data import DataError
+    from rlv_megatron.train.checkpoint import CheckpointError
+
+    try:
+        yield
+    except (ConfigError, DataError, CheckpointError, AssetError, UnsupportedConfig) as e:
+        if os.environ.get("RLV_TRACEBACK") == "1":
+            raise
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None

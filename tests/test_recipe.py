@@ -1,5 +1,6 @@
 """The Hydra recipe: resolved config printing and start-up validation (no training)."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -29,5 +30,21 @@ def test_wrong_type_fails_naming_the_field():
 
 def test_invalid_choice_fails_before_any_work(tmp_path):
     out = _run("algo.advantage=ppo", f"train.out_dir={tmp_path}")
-    assert out.returncode != 0 and "algo.advantage='ppo'" in out.stderr
+    assert out.returncode == 2 and "error: algo.advantage='ppo'" in out.stderr
+    assert "Traceback" not in out.stderr  # one line, as the rlv commands
     assert not (tmp_path / "metrics.json").exists()
+
+
+def test_bad_data_is_one_line_naming_file_and_line(tmp_path):
+    from rlv_megatron import assets
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"problem": "1+1", "answer": "2"}\n{"problem": "x"\n')
+    args = ("task.name=math", f"task.train_path={bad}", f"task.eval_path={bad}",
+            f"model.path={assets.model_dir('smollm2-135m-instruct')}", f"train.out_dir={tmp_path / 'run'}")
+    out = _run(*args)
+    assert out.returncode == 2 and f"error: {bad}:2: invalid JSON" in out.stderr, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+    debug = subprocess.run([sys.executable, str(RECIPE), *args], capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "RLV_TRACEBACK": "1"})
+    assert debug.returncode != 0 and "Traceback" in debug.stderr and f"{bad}:2" in debug.stderr
