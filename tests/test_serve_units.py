@@ -327,3 +327,15 @@ def test_chat_messages_are_checked():
     fmt = Refusing()
     fmt.conversation_ids = lambda messages: messages
     assert chat_prompt(fmt, {"messages": [{"role": "user", "content": parts}]}) == [{"role": "user", "content": "1,2:3"}]
+
+
+def test_cli_refuses_bad_input_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    for args, message in ((["serve", str(tmp_path)], "neither a Hugging Face model directory"),
+                          (["serve", str(tmp_path), "serve.strategy=vote"], "serve.strategy='vote'"),
+                          (["serve", str(tmp_path), "--port", "70000"], "serve.port=70000")):
+        done = subprocess.run([sys.executable, "-m", "rlv_megatron.cli", *args], capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
