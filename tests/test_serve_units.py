@@ -102,6 +102,7 @@ def test_round_samples():
 class Fmt:
     eos_id, yes_id, score_no_id = 0, 1, None
     verify_suffix_ids = [9]
+    verify_turn_tokens = 2  # the stop token and the suffix, as ChatFormat counts them
 
     def verify_ids(self, prompt, response):
         return list(prompt) + list(response) + [0, 9]

@@ -41,7 +41,7 @@ def resolve_model(path: str | Path, workdir: str | Path, model_dir: str | None =
 
 
 def _check_lengths(cfg: Config, fmt, problems, budget: int) -> None:
-    need = max(len(fmt.prompt_ids(p.prompt)) for p in problems) + budget + len(fmt.verify_suffix_ids) + 1
+    need = max(len(fmt.prompt_ids(p.prompt)) for p in problems) + budget + fmt.verify_turn_tokens
     if need > cfg.rollout.max_model_len:
         raise ConfigError(f"rollout.max_model_len={cfg.rollout.max_model_len}: the longest prompt, a response of "
                           f"{budget} tokens and the verification turn need {need}")

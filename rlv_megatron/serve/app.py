@@ -86,7 +86,7 @@ def completion_prompt(fmt, body: dict) -> list[int]:
 
 def check_length(fmt, prompt: list[int], params: Params, max_model_len: int, prompt_field: str) -> None:
     """Prompt, response and the verification turn must fit in the engine's context."""
-    turn = len(fmt.verify_suffix_ids) + 1
+    turn = fmt.verify_turn_tokens
     if len(prompt) + 1 + turn > max_model_len:
         raise BadRequest(prompt_field, f"{len(prompt)} tokens: with the verification turn ({turn}) it does not "
                          f"fit the context of {max_model_len} tokens (rollout.max_model_len)")

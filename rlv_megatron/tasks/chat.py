@@ -77,6 +77,12 @@ class ChatFormat:
         return list(prompt_ids) + response + self.verify_suffix_ids
 
     @property
+    def verify_turn_tokens(self) -> int:
+        """Tokens a response's verification adds after it: the stop token (appended to a truncated response)
+        and the verification suffix; a context must hold prompt + response + these."""
+        return len(self.verify_suffix_ids) + 1
+
+    @property
     def score_no_id(self) -> int | None:
         """The "No" id for the verifier score's renormalisation, or None for the raw P("Yes")."""
         return self.no_id if self.two_way else None
