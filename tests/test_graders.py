@@ -31,6 +31,8 @@ def chaos_grader(response: str, gold: str) -> float:
         os._exit(1)
     elif response == "kill":  # like the OOM killer or a segfault: no Python cleanup at all
         os.kill(os.getpid(), signal.SIGKILL)
+    elif response == "slow":  # busy long enough to be killed from outside
+        time.sleep(2)
     return float(response == gold)
 
 
@@ -275,6 +277,31 @@ def test_pool_survives_timeouts_exceptions_and_dying_workers():
         assert pool.grade([], []) == ([], {"graded": 0, "timeouts": 0, "errors": 0})
     with pytest.raises(RuntimeError, match="closed"):
         pool.grade(["a"], ["a"])
+
+
+def test_a_worker_killed_from_outside_is_replaced_and_its_item_graded_again():
+    import psutil
+
+    with GraderPool("_test_chaos", workers=2, timeout_s=10.0) as pool:
+        pool.grade(["warm"], ["warm"])  # both workers started
+        before = {w.proc.pid for w in pool._workers}
+        killed = []
+
+        def kill_a_busy_worker():
+            time.sleep(1.0)  # both workers are inside a 2 s "slow" item
+            graders = [c for c in psutil.Process().children() if c.name() == "rlv::grader"]
+            assert {c.pid for c in graders} == before  # found as `ps` shows them
+            killed.append(graders[0].pid)
+            graders[0].kill()
+
+        import threading
+        killer = threading.Thread(target=kill_a_busy_worker)
+        killer.start()
+        scores, stats = pool.grade(["slow", "slow", "a"], ["slow", "slow", "a"])
+        killer.join()
+        assert killed and killed[0] not in {w.proc.pid for w in pool._workers}  # replaced
+        assert not psutil.pid_exists(killed[0]) or psutil.Process(killed[0]).status() == psutil.STATUS_ZOMBIE
+        assert scores == [1.0, 1.0, 1.0] and stats == {"graded": 3, "timeouts": 0, "errors": 0}
 
 
 def test_pool_rejects_bad_graders():

@@ -198,6 +198,12 @@ def _worker_main(conn, module: str, qualname: str) -> None:
     """Worker loop: import the grader, say ready, then grade (idx, response, gold) until told to stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it then closes us
     try:
+        import setproctitle  # a vLLM dependency: `ps` (and benchmarks/chaos.py) tell graders apart
+
+        setproctitle.setproctitle("rlv::grader")
+    except ImportError:
+        pass
+    try:
         fn = _resolve(module, qualname)
     except BaseException:
         conn.send(("fatal", None, traceback.format_exc()))
@@ -255,8 +261,10 @@ def _shutdown(workers: list[_Worker]) -> None:
 class GraderPool:
     """Grade batches in `workers` processes; each item gets `timeout_s` from the moment a worker takes it.
 
-    A timed-out item (its worker is killed and replaced), a grader exception, or a worker that dies
-    (os._exit, segfault) scores 0.0 and is counted in the stats; the pool keeps working afterwards.
+    A timed-out item (its worker is killed and replaced), a grader exception, or an item whose worker dies
+    under it twice (os._exit, segfault) scores 0.0 and is counted in the stats ("errors" for deaths); the pool
+    keeps working afterwards. A worker that dies once (killed from outside, the OOM killer) is replaced and
+    its item graded again, so a killed worker changes no score.
     """
 
     def __init__(self, grader: str, workers: int = 2, timeout_s: float = 5.0):
@@ -320,6 +328,7 @@ class GraderPool:
         values = [None] * n
         stats = {"graded": n, "timeouts": 0, "errors": 0}
         pending = deque(range(n))
+        crashed: set[int] = set()  # items whose worker died under them once: graded again on a new one
         ws = self._workers
         while pending or any(w.item is not None for w in ws):
             for i, w in enumerate(ws):  # hand items to idle, ready workers
@@ -352,10 +361,13 @@ class GraderPool:
                         w.item, w.deadline = None, math.inf
                     elif kind == "fatal":
                         raise RuntimeError(f"grader worker for {self.grader!r} failed to start:\n{val}")
-                    else:  # the process died (os._exit, segfault, OOM kill)
+                    else:  # the process died (os._exit, segfault, killed by the OOM killer or a user)
                         if not w.ready:
                             raise RuntimeError(f"grader worker for {self.grader!r} died while starting")
-                        if w.item is not None:
+                        if w.item is not None and w.item not in crashed:  # maybe not the item's fault
+                            crashed.add(w.item)
+                            pending.appendleft(w.item)
+                        elif w.item is not None:  # it kills its worker: it fails
                             stats["errors"] += 1
                         self._replace(i)
                 elif w.item is not None and now >= w.deadline:
