@@ -68,3 +68,26 @@ def test_ipc_args_encode_to_primitives_and_back():
     decoded = transport.decode_ipc_args(encoded, device_index=0)
     assert decoded[0] is torch.Tensor and decoded[4] is torch.UntypedStorage and decoded[5] is torch.bfloat16
     assert decoded[6] == 0 and decoded[7] == b"\x01handle" and list(decoded[1]) == [4]
+
+
+def test_buffers_of_killed_owners_are_removed_live_ones_kept(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    live = transport.ShmBuffer(str(tmp_path), 64)
+    code = (f"import os, signal; from rlv_megatron.rollout.transport import ShmBuffer; "
+            f"b = ShmBuffer({str(tmp_path)!r}, 64); print(b.path, flush=True); os.kill(os.getpid(), signal.SIGKILL)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == -signal.SIGKILL
+    orphan = Path(done.stdout.strip())
+    assert orphan.exists() and live.path.exists()  # SIGKILL runs no cleanup
+    assert transport.remove_orphans(str(tmp_path)) == []  # both too young to judge
+    for path in (orphan, live.path):
+        os.utime(path, (0, 0))
+    assert transport.remove_orphans(str(tmp_path)) == [orphan]
+    assert live.path.exists()
+    live.close()
+    assert not live.path.exists()

@@ -10,10 +10,12 @@ The same manifest format is used by both; the worker side is `unpack`.
 
 from __future__ import annotations
 
+import fcntl
 import itertools
 import mmap
 import os
 import re
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,10 +101,15 @@ def bucket_nbytes(bucket: list[tuple[str, torch.Tensor]], dtype: torch.dtype | N
 # ---- shm ------------------------------------------------------------------------------------------
 
 class ShmBuffer:
-    """A file in /dev/shm mapped in both processes; grows when a bucket needs more room."""
+    """A file in /dev/shm mapped in both processes; grows when a bucket needs more room. Its owner holds an
+    exclusive flock on it, so the files of owners that were killed (SIGKILL leaves them) can be told apart
+    from live ones, whatever PID namespace they ran in, and removed: `remove_orphans`, at each creation."""
 
     def __init__(self, directory: str = "/dev/shm", nbytes: int = 0):
+        remove_orphans(directory)
         self.path = Path(directory) / f"rlv-weights-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._lock = open(self.path, "a+b")  # noqa: SIM115: held (with its flock) until close()
+        fcntl.flock(self._lock, fcntl.LOCK_EX)
         self.nbytes = 0
         self.tensor = torch.empty(0, dtype=torch.uint8)
         self.ensure(nbytes)
@@ -120,6 +127,24 @@ class ShmBuffer:
     def close(self) -> None:
         self.tensor = torch.empty(0, dtype=torch.uint8)
         self.path.unlink(missing_ok=True)
+        self._lock.close()
+
+
+def remove_orphans(directory: str, min_age_s: float = 60.0) -> list[Path]:
+    """Delete the weight buffers in `directory` that no process holds (their owner was killed); a file younger
+    than `min_age_s` is left alone: its owner may be between creating and locking it."""
+    removed = []
+    for path in Path(directory).glob("rlv-weights-*"):
+        try:
+            if time.time() - path.stat().st_mtime < min_age_s:
+                continue
+            with open(path, "rb") as f:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises while its owner lives
+                path.unlink()
+                removed.append(path)
+        except OSError:  # held, or gone meanwhile
+            continue
+    return removed
 
 
 class ShmReader:
