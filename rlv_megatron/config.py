@@ -80,6 +80,10 @@ class RolloutConfig:
     # GPUs). The trainer takes the node's first GPUs, each engine rollout.tensor_parallel_size of the last
     # (rollout/placement.py); weights travel through host memory (shm); GPU only
     engine_gpus: int = 0
+    # a dead engine (killed, OOM) is replaced and its call repeated with the current weights, up to this many
+    # times in a row; then the run checkpoints and exits (status 75: the same command resumes). Sync mode with
+    # one rank per model replica (tp = pp = 1) only: elsewhere the first death ends the run
+    max_restarts: int = 3
 
 
 @dataclass
@@ -223,6 +227,9 @@ class TrainConfig:
     keep_start: bool = True
     export_final: bool = True  # write <out_dir>/model/: the final policy as a HF directory
     resume: bool = True  # continue from out_dir/checkpoints/latest when there is one (said at start-up)
+    # SIGTERM (Slurm, a container runtime): finish the RL step, checkpoint and exit 0; a step boundary not
+    # reached within this many seconds ends the run at once (status 143; the last checkpoint resumes)
+    sigterm_grace_s: float = 300.0
     cpu_threads: int = 0  # CPU only: torch threads of the trainer; 0 = one per core this process may run on
     micro_batch_tokens: int = 4096  # token budget of one micro-batch (dynamic batch size)
     # pack sequences end to end (THD, attention per sequence: TE on GPU, models/varlen.py on the local spec;
@@ -438,6 +445,10 @@ def validate(cfg: Config, arch=None) -> None:
                           "need an off-policy correction (e.g. algo.tis_cap=2.0, or algo.off_policy=behaviour_ratio)")
     if cfg.train.keep_checkpoints < 0:
         raise ConfigError(f"train.keep_checkpoints={cfg.train.keep_checkpoints}: must be >= 0")
+    if cfg.rollout.max_restarts < 0:
+        raise ConfigError(f"rollout.max_restarts={cfg.rollout.max_restarts}: must be >= 0")
+    if cfg.train.sigterm_grace_s <= 0:
+        raise ConfigError(f"train.sigterm_grace_s={cfg.train.sigterm_grace_s}: must be > 0")
     if not cfg.train.logprob_chunk_mb > 0:
         raise ConfigError(f"train.logprob_chunk_mb={cfg.train.logprob_chunk_mb}: must be > 0")
     if not 0 < cfg.eval.reward_temperature < float("inf"):

@@ -64,15 +64,18 @@ def run_recipe(cfg) -> None:
 @contextlib.contextmanager
 def user_errors_as_one_line():
     """A config, data, model or checkpoint error (they name the field or file:line) ends a recipe with one line
-    on stderr and exit status 2, as the `rlv` commands do; RLV_TRACEBACK=1 shows the traceback instead."""
+    on stderr and exit status 2, as the `rlv` commands do; RLV_TRACEBACK=1 shows the traceback instead. A stop
+    the same command resumes from (SIGTERM, the engine dead for good) is one line too, with its own status."""
     import os
     import sys
 
     from rlv_megatron.assets import AssetError
     from rlv_megatron.config import ConfigError
     from rlv_megatron.models.hf_config import UnsupportedConfig
+    from rlv_megatron.rollout.restart import EngineDied
     from rlv_megatron.tasks.math_data import DataError
     from rlv_megatron.train.checkpoint import CheckpointError
+    from rlv_megatron.train.preempt import Preempted, PreemptedMidStep
 
     try:
         yield
@@ -81,3 +84,8 @@ def user_errors_as_one_line():
             raise
         print(f"error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+    except (EngineDied, Preempted, PreemptedMidStep) as e:  # stops the same command resumes from
+        if os.environ.get("RLV_TRACEBACK") == "1" and e.exit_code:
+            raise
+        print(f"rlv: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(e.exit_code) from None

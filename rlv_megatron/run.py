@@ -68,21 +68,13 @@ def announce(cfg: Config, out: Path) -> Path | None:
 
 def run(cfg: Config) -> Path | None:
     """The whole run on every rank (under torchrun or Slurm, one process per rank); returns the metrics path
-    on global rank 0 and None elsewhere."""
-    from rlv_megatron.eval.equivalence import AnswerKeys
-    from rlv_megatron.eval.sampling import evaluate
-    from rlv_megatron.dashboards import Metrics
-    from rlv_megatron.train.policy import Policy
-    from rlv_megatron.rollout.placement import Placement, engine_devices
-    from rlv_megatron.rollout.engine import make_engine
-    from rlv_megatron.tasks.chat import ChatFormat
-    from rlv_megatron.tasks.registry import make_task
-    from rlv_megatron.train import checkpoint
-    from rlv_megatron.train.loop import pool_scorer, run_eval, train
-    from rlv_megatron.train.sft import warm_start
-    from rlv_megatron.eval import report
+    on global rank 0 and None elsewhere. SIGTERM stops it with a checkpoint (train/preempt.py)."""
+    from rlv_megatron.train.preempt import SigtermWatch
 
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    # multiprocessing's resource tracker (a process started on first use, with these options) unlinks the
+    # shared memory of an engine that was killed when the run ends; its note of each one is noise then
+    sys.warnoptions.append("ignore:resource_tracker:UserWarning")
     # expected on CPU, and noise in a run's report: megatron's "TransformerEngine/Apex not installed"
     # fallbacks, numpy's note on flushed denormals
     warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
@@ -90,41 +82,59 @@ def run(cfg: Config) -> Path | None:
     torch.set_flush_denormal(True)  # CPU steps slow down ~4x on denormals after a few dozen steps
     torch.manual_seed(cfg.train.seed)
     validate(cfg)  # the architecture-free checks, before any work
+    with SigtermWatch(cfg.train.sigterm_grace_s) as sigterm:
+        return _run(cfg, sigterm)
+
+
+def _run(cfg: Config, sigterm) -> Path | None:
+    from rlv_megatron.eval.equivalence import AnswerKeys
+    from rlv_megatron.eval.sampling import evaluate
+    from rlv_megatron.dashboards import Metrics
+    from rlv_megatron.train.policy import Policy
+    from rlv_megatron.rollout.placement import Placement, engine_devices
+    from rlv_megatron.tasks.chat import ChatFormat
+    from rlv_megatron.tasks.registry import make_task
+    from rlv_megatron.train import checkpoint
+    from rlv_megatron.train.loop import pool_scorer, run_eval, train
+    from rlv_megatron.train.sft import warm_start
+    from rlv_megatron.eval import report
+
     task_cfg, num_eval = task_config(cfg)
     out = Path(cfg.train.out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     resume = announce(cfg, out)
     task = make_task(task_cfg, cfg.verifier.question, num_eval, seed=0, tokenizer_path=cfg.model.path)
-    fmt = ChatFormat.for_config(task.tokenizer, cfg)
-    arch = None if cfg.model.path else scratch_arch(cfg, len(task.tokenizer), task.tokenizer)
-    policy = Policy(cfg, arch)
-    place = Placement.current()
-    lead = place.owns_engine and place.dp_rank == 0  # global rank 0 logs, evaluates and writes the report
-    metrics = Metrics(str(out / "tb"), str(out / "metrics.jsonl")) if lead else Metrics(None)
-    results: dict = {}
-    start_step = 0
-    if resume is not None:
-        if cfg.algo.kl_beta > 0:
-            policy.freeze_reference()  # the structure; its weights come from the checkpoint
-        run_state = checkpoint.load(policy, resume)
-        start_step = run_state["step"]
-        if lead:
-            print(f"resuming from {resume} (RL step {start_step})", flush=True)
-    elif cfg.sft.steps > 0:
-        t0 = time.perf_counter()
-        results["sft"] = warm_start(policy, task, fmt, cfg, metrics)
-        # its own record: a phase timer would be logged with RL step 0's phases
-        metrics.log(cfg.sft.steps, {"sft/seconds": time.perf_counter() - t0})
-    if cfg.algo.kl_beta > 0 and policy.reference is None:
-        policy.freeze_reference()
-    start = policy.export(out / "start", task.tokenizer, dtype=getattr(torch, cfg.model.params_dtype))  # collective
-    devices = engine_devices(place, cfg.rollout)  # collective under rollout.engine_gpus > 0
-    engine = make_engine("vllm", str(start), cfg.rollout, devices) if place.owns_engine else None
-    try:
+    engine = metrics = None
+    try:  # the engine and the grader workers end with the run, however it ends
+        fmt = ChatFormat.for_config(task.tokenizer, cfg)
+        arch = None if cfg.model.path else scratch_arch(cfg, len(task.tokenizer), task.tokenizer)
+        policy = Policy(cfg, arch)
+        place = Placement.current()
+        lead = place.owns_engine and place.dp_rank == 0  # global rank 0 logs, evaluates and writes the report
+        metrics = Metrics(str(out / "tb"), str(out / "metrics.jsonl")) if lead else Metrics(None)
+        results: dict = {}
+        start_step = 0
+        if resume is not None:
+            if cfg.algo.kl_beta > 0:
+                policy.freeze_reference()  # the structure; its weights come from the checkpoint
+            run_state = checkpoint.load(policy, resume)
+            start_step = run_state["step"]
+            if lead:
+                print(f"resuming from {resume} (RL step {start_step})", flush=True)
+        elif cfg.sft.steps > 0:
+            t0 = time.perf_counter()
+            results["sft"] = warm_start(policy, task, fmt, cfg, metrics)
+            # its own record: a phase timer would be logged with RL step 0's phases
+            metrics.log(cfg.sft.steps, {"sft/seconds": time.perf_counter() - t0})
+        if cfg.algo.kl_beta > 0 and policy.reference is None:
+            policy.freeze_reference()
+        start = policy.export(out / "start", task.tokenizer, dtype=getattr(torch, cfg.model.params_dtype))
+        devices = engine_devices(place, cfg.rollout)  # collective under rollout.engine_gpus > 0
+        engine = start_engine(cfg, start, devices, policy, place, sigterm) if place.owns_engine else None
         if cfg.eval.before_rl and lead:
             results["before_rl"] = run_eval(-1, engine, task, fmt, cfg, metrics, pool_scorer(policy, cfg))
         results["during_rl"] = train(policy, engine, task, fmt, cfg, metrics, out, start_step,
-                                     None if resume is None else (resume, run_state))
+                                     None if resume is None else (resume, run_state), sigterm)
         if not lead:
             return None
         final, pool = {}, []
@@ -136,7 +146,8 @@ def run(cfg: Config) -> Path | None:
     finally:
         if engine is not None:
             engine.close()
-        metrics.close()
+        if metrics is not None:
+            metrics.close()
         task.close()
     if not cfg.train.keep_start:
         shutil.rmtree(start, ignore_errors=True)  # the engine read it at start-up and is closed
@@ -161,6 +172,22 @@ def run(cfg: Config) -> Path | None:
     # the held-out metrics; without a final evaluation, the last RL step's training metrics
     path.write_text(json.dumps(final or (rl[-1] if rl else {}), indent=2))
     return path
+
+
+def start_engine(cfg: Config, start: Path, devices, policy, place, sigterm):
+    """This replica's engine, replaced when it dies (rollout/restart.py) with the trainer's current weights.
+    Only where the engine rank can stream those alone and they are the ones the engine had: sync mode, one
+    rank per model replica. Elsewhere a death ends the run (max_restarts 0), and so does one after SIGTERM
+    (Slurm signals every process of the step, the engine's too)."""
+    from rlv_megatron.rollout.engine import make_engine
+    from rlv_megatron.rollout.restart import RestartingEngine
+    from rlv_megatron.rollout.weight_stream import stream_weights
+
+    alone = cfg.parallel.tp == 1 and cfg.parallel.pp == 1 and cfg.rollout.mode == "sync"
+    return RestartingEngine(lambda: make_engine("vllm", str(start), cfg.rollout, devices),
+                            cfg.rollout.max_restarts if alone else 0,
+                            lambda fresh: fresh.update_weights(stream_weights(policy, place)),
+                            lambda: sigterm.requested)
 
 
 def _plain(cfg: Config) -> dict:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
@@ -141,7 +142,8 @@ class VLLMEngine:
                                stop_token_ids=list(stop_token_ids), logprobs=0, min_tokens=at(min_tokens, i),
                                seed=at(seeds, i))
                   for i in range(len(prompts))]
-        outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
+        with self._woken_if_engine_dies():
+            outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
         result = []
         for out in outs:
             samples = []
@@ -158,7 +160,8 @@ class VLLMEngine:
         {Yes, No} when `no_token_id` is given; a token outside the top-k log-probs counts as P=0."""
         params = self._params(n=1, temperature=1.0, top_p=1.0, max_tokens=1, logprobs=self.cfg.logprobs_topk,
                               seed=0)
-        outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
+        with self._woken_if_engine_dies():
+            outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
         scores = []
         for out in outs:
             top = out.outputs[0].logprobs[0]
@@ -169,7 +172,8 @@ class VLLMEngine:
     def prompt_logprobs(self, sequences: Sequence[Sequence[int]]) -> list[list[float]]:
         """log p(token_t | tokens_<t) for t >= 1 of each sequence, as the engine computes them."""
         params = self._params(n=1, temperature=1.0, max_tokens=1, prompt_logprobs=0)
-        outs = self.llm.generate([{"prompt_token_ids": list(s)} for s in sequences], params, use_tqdm=False)
+        with self._woken_if_engine_dies():
+            outs = self.llm.generate([{"prompt_token_ids": list(s)} for s in sequences], params, use_tqdm=False)
         return [[pos[tok].logprob for pos, tok in zip(out.prompt_logprobs[1:], seq[1:])]
                 for out, seq in zip(outs, sequences)]
 
@@ -192,6 +196,10 @@ class VLLMEngine:
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> SyncStats:
         """Replace the engine's weights with HF-named tensors (a full set; any dtype: they are cast to the
         engine's while being packed, so pass Megatron's tensors as they are)."""
+        with self._woken_if_engine_dies():
+            return self._update_weights(named_tensors)
+
+    def _update_weights(self, named_tensors) -> SyncStats:
         stats = SyncStats()
         t0 = time.perf_counter()
         bucket_bytes = self.cfg.weight_bucket_mb << 20
@@ -230,7 +238,8 @@ class VLLMEngine:
 
     def wake_up(self) -> None:
         if self._asleep:
-            self.llm.wake_up()
+            with self._woken_if_engine_dies():
+                self.llm.wake_up()
             self._asleep = False
 
     def dead(self) -> bool:
@@ -238,6 +247,35 @@ class VLLMEngine:
         forever, so a server watches this flag instead."""
         core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
         return bool(getattr(getattr(core, "resources", None), "engine_dead", False))
+
+    @contextlib.contextmanager
+    def _woken_if_engine_dies(self):
+        """vLLM's synchronous client waits forever for the reply of an engine process that was killed: its
+        monitor marks the engine dead, but nothing wakes the waiting call. A watcher does, with EngineDeadError."""
+        core = getattr(self.llm.llm_engine, "engine_core", None)
+        if not hasattr(core, "outputs_queue"):  # in-process engine: it dies with this process
+            yield
+            return
+        done = threading.Event()
+
+        def watch():
+            while not done.wait(0.2):
+                if self.dead():
+                    from vllm.v1.engine.exceptions import EngineDeadError
+
+                    core.outputs_queue.put_nowait(EngineDeadError())
+                    for future in list(getattr(core, "utility_results", {}).values()):
+                        if not future.done():
+                            future.set_exception(EngineDeadError())
+                    return
+
+        watcher = threading.Thread(target=watch, daemon=True, name="rlv-engine-watch")
+        watcher.start()
+        try:
+            yield
+        finally:
+            done.set()
+            watcher.join()
 
     def close(self) -> None:
         if self._buffer is not None:

@@ -4,6 +4,7 @@ Under rollout.mode=overlap the rollouts come from rollout/overlap.py, generated 
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from rlv_megatron.dashboards import Metrics
 from rlv_megatron.rollout.overlap import RolloutsAhead
 from rlv_megatron.rollout.partial import PartialRollouts, partial_groups
 from rlv_megatron.rollout.placement import Placement, dp_mean, my_share, share_from_engine
+from rlv_megatron.rollout.restart import EngineDied
 from rlv_megatron.rollout.weight_stream import stream_weights
 from rlv_megatron.eval.equivalence import AnswerKeys
 from rlv_megatron.eval.sampling import evaluate
@@ -25,6 +27,7 @@ from rlv_megatron.plan import total_params
 from rlv_megatron.eval.scaling import verifier_quality
 from rlv_megatron.train import checkpoint
 from rlv_megatron.train.packing import computed_tokens
+from rlv_megatron.train.preempt import Preempted, SigtermWatch
 from rlv_megatron.train.seeds import step_seed
 from rlv_megatron.train.step import rl_objective, score
 from rlv_megatron.train.batch import SequenceBatch, build_sequences, verifier_selection
@@ -136,7 +139,8 @@ def rl_step(step, policy, engine, task, fmt, cfg, metrics, place: Placement = Pl
                     old_logp[idx], scores[idx] = outputs["logp"], outputs["score"]
                     p_yes = scores[torch.arange(len(batch)), batch.verify_pos]
     if ahead is None:
-        sync = sync_weights(policy, engine, place, metrics)
+        with at_boundary(None):  # trained: mid-step
+            sync = sync_weights(policy, engine, place, metrics)
     m = batch.response_mask
     gap = ((old_logp - batch.rollout_logp).abs() * m).sum() / m.sum().clamp(min=1)
     verifier_stats = verifier_quality(p_yes.tolist(), [x >= 1.0 for x in r.tolist()], group_ids.tolist()) \
@@ -154,7 +158,17 @@ def rl_step(step, policy, engine, task, fmt, cfg, metrics, place: Placement = Pl
 
 
 def sync_weights(policy, engine, place: Placement, metrics) -> dict:
-    """The trainer's weights to the engine (collective over the model-parallel group)."""
+    """The trainer's weights to the engine (collective over the model-parallel group). An engine that died
+    as the run stops (SIGTERM) gets none: the step is done, and the checkpoint after it is what matters."""
+    try:
+        return _sync_weights(policy, engine, place, metrics)
+    except EngineDied as e:
+        if not e.stopping:
+            raise
+        return {"sync/seconds": 0.0, "sync/gb": 0.0}
+
+
+def _sync_weights(policy, engine, place: Placement, metrics) -> dict:
     with metrics.timer("sync"):
         if place.owns_engine:
             engine.wake_up()  # asleep during a sync-mode step's training (rollout.enable_sleep_mode)
@@ -181,10 +195,11 @@ def drain(iterator) -> float:
 
 
 def train(policy, engine, task, fmt, cfg, metrics, out_dir: Path, start_step: int = 0,
-          resumed: tuple[Path, dict] | None = None) -> list[dict]:
+          resumed: tuple[Path, dict] | None = None, sigterm: SigtermWatch | None = None) -> list[dict]:
     """RL steps start_step..train.steps-1; every step is a function of (seed, step, weights, optimizer) and,
     under overlap, of the rollouts in flight, which the checkpoint keeps (`resumed`: its path and run state),
-    so a run resumed from the checkpoint after step k repeats the uninterrupted run exactly."""
+    so a run resumed from the checkpoint after step k repeats the uninterrupted run exactly. `sigterm`: after
+    SIGTERM, the run stops at the next step boundary with a checkpoint (train/preempt.py)."""
     evals = []
     place = Placement.current()
     lead = place.owns_engine and place.dp_rank == 0  # global rank 0: logs and evaluates
@@ -194,15 +209,49 @@ def train(policy, engine, task, fmt, cfg, metrics, out_dir: Path, start_step: in
     scoring_passes = (not old_logprobs_from_forward(cfg.algo)) + (policy.reference is not None)
     pool = partial_pool(cfg, place, resumed)
     ahead = start_overlap(policy, engine, task, fmt, cfg, place, start_step, metrics, resumed, pool)
+    sigterm = sigterm or SigtermWatch(cfg.train.sigterm_grace_s)  # not installed: never due
+    sigterm.in_steps = True
     try:
         for step in tqdm(range(start_step, cfg.train.steps), desc="rl", mininterval=5,
                          initial=start_step, total=cfg.train.steps, disable=not lead):
-            evals += train_one(step, policy, engine, task, fmt, cfg, metrics, out_dir, place, (ahead, pool),
-                               (params, scoring_passes, gpus, peak))
+            try:
+                evals += train_one(step, policy, engine, task, fmt, cfg, metrics, out_dir, place, (ahead, pool),
+                                   (params, scoring_passes, gpus, peak))
+            except EngineDied as e:
+                note = checkpoint_after_death(e, policy, cfg, out_dir, place, (ahead, pool))
+                if e.stopping:
+                    raise Preempted(f"preempted (SIGTERM) in RL step {step}, the engine gone: {note}") from e
+                e.note = "; " + note
+                raise
+            if sigterm.due():
+                saved = checkpoint_at(step + 1, policy, cfg, out_dir, place, (ahead, pool))
+                raise Preempted(f"preempted (SIGTERM) after RL step {step}: {saved}")
     finally:
+        sigterm.stop_steps()
         if ahead is not None:
             ahead.close()
     return evals
+
+
+def checkpoint_at(step: int, policy, cfg, out_dir: Path, place: Placement, sources) -> str:
+    """A checkpoint after `step` RL steps (unless it is the newest already); says how the run resumes."""
+    latest = checkpoint.latest(out_dir / "checkpoints")
+    if latest is None or checkpoint.verify(latest)["step"] != step:
+        latest = save_checkpoint(step, policy, cfg, out_dir, place, sources)
+    if latest is None:
+        return "no checkpoint (train.keep_checkpoints=0): the same command starts over"
+    return f"checkpoint {latest} (RL step {step}) saved: the same command resumes"
+
+
+def checkpoint_after_death(e: EngineDied, policy, cfg, out_dir: Path, place: Placement, sources) -> str:
+    """After the engine died for good: a checkpoint where the policy is at a step boundary and this process
+    alone can write one; how the run resumes."""
+    if e.boundary is not None and not torch.distributed.is_initialized():
+        return checkpoint_at(e.boundary, policy, cfg, out_dir, place, sources)
+    latest = checkpoint.latest(out_dir / "checkpoints")
+    if latest is None:
+        return "no checkpoint yet: the same command starts over"
+    return f"the same command resumes from {latest} (RL step {checkpoint.verify(latest)['step']})"
 
 
 def partial_pool(cfg, place: Placement, resumed) -> PartialRollouts | None:
@@ -256,7 +305,8 @@ def train_one(step, policy, engine, task, fmt, cfg, metrics, out_dir, place, sou
     ahead, pool = sources
     lead = place.owns_engine and place.dp_rank == 0
     t0 = time.perf_counter()
-    values = rl_step(step, policy, engine, task, fmt, cfg, metrics, place, ahead, None if ahead else pool)
+    with at_boundary(step if ahead is None else None):  # sync mode: the rollouts come before training
+        values = rl_step(step, policy, engine, task, fmt, cfg, metrics, place, ahead, None if ahead else pool)
     step_s = time.perf_counter() - t0
     lengths = values.pop("response/lengths")
     values.update(dashboards.step_throughput(values, metrics.times, step_s, params, cfg.algo.ppo_epochs,
@@ -273,21 +323,42 @@ def train_one(step, policy, engine, task, fmt, cfg, metrics, out_dir, place, sou
     evaluate_now = cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and not last
     if ahead is not None and (evaluate_now or last):  # evaluations (and the final one) see the newest weights
         ahead.settle(step + 1)
-    evals = [run_eval(step, engine, task, fmt, cfg, metrics, pool_scorer(policy, cfg))] if lead and evaluate_now \
-        else []
-    keep = cfg.train.keep_checkpoints
-    if keep and (cfg.train.save_every and (step + 1) % cfg.train.save_every == 0 or last):
-        inflight = ahead.inflight() if ahead is not None else {}  # waits for the generations in flight
-        extras = {inflight_name(place): {s: ro for s, (ro, _) in inflight.items()}} \
-            if inflight and place.owns_engine else {}
-        if pool is not None:  # after the wait: no generation is changing it
-            extras[pool_name(place)] = pool.state()
-        checkpoint.save(policy, out_dir / "checkpoints", step + 1,
-                        {"phase": "rl", "inflight": {str(s): v for s, (_, v) in inflight.items()},
-                         "partial_pool": bool(cfg.rollout.max_step_tokens)}, keep, extras)
+    with at_boundary(step + 1 if ahead is None else None):  # an engine that dies evaluating: trained, logged
+        evals = [run_eval(step, engine, task, fmt, cfg, metrics, pool_scorer(policy, cfg))] \
+            if lead and evaluate_now else []
+    if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0 or last:
+        save_checkpoint(step + 1, policy, cfg, out_dir, place, sources)
     if last and cfg.train.export_final:
         policy.export(out_dir / "model", task.tokenizer, dtype=getattr(torch, cfg.model.params_dtype))
     return evals
+
+
+def save_checkpoint(step: int, policy, cfg, out_dir: Path, place: Placement, sources) -> Path | None:
+    """The run after `step` RL steps, with the rollouts in flight (overlap) and the partial-rollout pool that
+    the steps after it need; None under train.keep_checkpoints=0."""
+    ahead, pool = sources
+    if not cfg.train.keep_checkpoints:
+        return None
+    inflight = ahead.inflight() if ahead is not None else {}  # waits for the generations in flight
+    extras = {inflight_name(place): {s: ro for s, (ro, _) in inflight.items()}} \
+        if inflight and place.owns_engine else {}
+    if pool is not None:  # after the wait: no generation is changing it
+        extras[pool_name(place)] = pool.state()
+    return checkpoint.save(policy, out_dir / "checkpoints", step,
+                           {"phase": "rl", "inflight": {str(s): v for s, (_, v) in inflight.items()},
+                            "partial_pool": bool(cfg.rollout.max_step_tokens)}, cfg.train.keep_checkpoints, extras)
+
+
+@contextlib.contextmanager
+def at_boundary(step: int | None):
+    """An engine that dies for good inside: the policy is at the start of RL step `step` (None: not at a step
+    boundary), unless an inner block said otherwise."""
+    try:
+        yield
+    except EngineDied as e:
+        if not e.placed:
+            e.boundary, e.placed = step, True
+        raise
 
 
 def pool_scorer(policy, cfg):
