@@ -15,7 +15,6 @@ import itertools
 import mmap
 import os
 import re
-import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,13 +102,17 @@ def bucket_nbytes(bucket: list[tuple[str, torch.Tensor]], dtype: torch.dtype | N
 class ShmBuffer:
     """A file in /dev/shm mapped in both processes; grows when a bucket needs more room. Its owner holds an
     exclusive flock on it, so the files of owners that were killed (SIGKILL leaves them) can be told apart
-    from live ones, whatever PID namespace they ran in, and removed: `remove_orphans`, at each creation."""
+    from live ones, whatever PID namespace they ran in, and removed: `remove_orphans`, at each creation.
+    Mapped by path (the worker opens it by name), so it cannot be unlinked while in use."""
 
     def __init__(self, directory: str = "/dev/shm", nbytes: int = 0):
         remove_orphans(directory)
-        self.path = Path(directory) / f"rlv-weights-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self._lock = open(self.path, "a+b")  # noqa: SIM115: held (with its flock) until close()
+        name = f"rlv-weights-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.path = Path(directory) / name
+        locking = Path(directory) / f".{name}"  # no orphan's name: created and locked first, then renamed
+        self._lock = open(locking, "a+b")  # noqa: SIM115: held (with its flock) until close()
         fcntl.flock(self._lock, fcntl.LOCK_EX)
+        locking.rename(self.path)
         self.nbytes = 0
         self.tensor = torch.empty(0, dtype=torch.uint8)
         self.ensure(nbytes)
@@ -130,14 +133,11 @@ class ShmBuffer:
         self._lock.close()
 
 
-def remove_orphans(directory: str, min_age_s: float = 60.0) -> list[Path]:
-    """Delete the weight buffers in `directory` that no process holds (their owner was killed); a file younger
-    than `min_age_s` is left alone: its owner may be between creating and locking it."""
+def remove_orphans(directory: str) -> list[Path]:
+    """Delete the weight buffers in `directory` that no process holds (their owner was killed)."""
     removed = []
     for path in Path(directory).glob("rlv-weights-*"):
         try:
-            if time.time() - path.stat().st_mtime < min_age_s:
-                continue
             with open(path, "rb") as f:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises while its owner lives
                 path.unlink()
