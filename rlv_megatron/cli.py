@@ -219,7 +219,16 @@ def main(argv: list[str] | None = None) -> int:
         if not getattr(args, "allow_overrides", False) or not all("=" in r for r in rest):
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         args.overrides = list(args.overrides) + rest
-    return args.func(args)
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from rlv_megatron.eval.app import EvalError
+    from rlv_megatron.hydra_app import user_errors_as_one_line
+    from rlv_megatron.serve.server import ServeError
+
+    # what a command does not catch itself still ends in one line (RLV_TRACEBACK=1: the traceback)
+    with user_errors_as_one_line(EvalError, ServeError, HydraException, OmegaConfBaseException):
+        return args.func(args)
 
 
 if __name__ == "__main__":

@@ -62,10 +62,11 @@ def run_recipe(cfg) -> None:
 
 
 @contextlib.contextmanager
-def user_errors_as_one_line():
+def user_errors_as_one_line(*more: type[BaseException]):
     """A config, data, model or checkpoint error (they name the field or file:line) ends a recipe with one line
     on stderr and exit status 2, as the `rlv` commands do; RLV_TRACEBACK=1 shows the traceback instead. A stop
-    the same command resumes from (SIGTERM, the engine dead for good) is one line too, with its own status."""
+    the same command resumes from (SIGTERM, the engine dead for good) is one line too, with its own status.
+    `more`: further error classes of a command that name the problem (`rlv` wraps every command in this)."""
     import os
     import sys
 
@@ -79,7 +80,7 @@ def user_errors_as_one_line():
 
     try:
         yield
-    except (ConfigError, DataError, CheckpointError, AssetError, UnsupportedConfig) as e:
+    except (ConfigError, DataError, CheckpointError, AssetError, UnsupportedConfig, *more) as e:
         if os.environ.get("RLV_TRACEBACK") == "1":
             raise
         print(f"error: {e}", file=sys.stderr, flush=True)

@@ -289,8 +289,8 @@ def test_a_worker_killed_from_outside_is_replaced_and_its_item_graded_again():
 
         def kill_a_busy_worker():
             time.sleep(1.0)  # both workers are inside a 2 s "slow" item
-            graders = [c for c in psutil.Process().children() if c.name() == "rlv::grader"]
-            assert {c.pid for c in graders} == before  # found as `ps` shows them
+            graders = [c for c in psutil.Process().children() if c.name() == "rlv::grader" and c.pid in before]
+            assert len(graders) == 2  # found as `ps` shows them (other tests' pools may be alive too)
             killed.append(graders[0].pid)
             graders[0].kill()
 

