@@ -139,8 +139,10 @@ def main() -> int:
     if status != 0:
         raise SystemExit(f"the clean run failed:\n{err[-3000:]}")
     problems += [f"clean run left {x}" for x in left]
-    print(f"clean run: {time.time() - t0:.0f} s", flush=True)
+    clean_s = time.time() - t0
+    print(f"clean run: {clean_s:.0f} s", flush=True)
 
+    t0 = time.time()
     proc = start(chaos_dir)
     wait_for_step(proc, chaos_dir, engine_at)
     child_named(proc, "VLLM::EngineCore").kill()
@@ -175,6 +177,7 @@ def main() -> int:
     if status != 0:
         problems.append(f"the last resume failed: {err[-2000:]}")
     problems += [f"left after the chaos run: {x}" for x in left]
+    print(f"chaos run: {time.time() - t0:.0f} s over 3 starts (clean: {clean_s:.0f} s)", flush=True)
 
     diffs, compared = differences(rows(clean_dir), rows(chaos_dir))
     for step, k, a, b in diffs[:20]:

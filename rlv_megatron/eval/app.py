@@ -51,6 +51,7 @@ def sample(cfg: Config, model: str, model_dir: str | None = None) -> dict[int, l
     """Pools per budget (eval.budgets, default [algo.max_tokens]) from a vLLM engine on `model`."""
     from rlv_megatron.eval.sampling import sample_pools
     from rlv_megatron.rollout.engine import make_engine
+    from rlv_megatron.rollout.restart import RestartingEngine
     from rlv_megatron.tasks.chat import ChatFormat
     from rlv_megatron.tasks.registry import make_task
 
@@ -68,7 +69,8 @@ def sample(cfg: Config, model: str, model_dir: str | None = None) -> dict[int, l
             fmt = ChatFormat.for_config(task.tokenizer, cfg)
             _check_lengths(cfg, fmt, task.eval, budgets[-1])
             scorer = head_scorer(cfg, hf)
-            engine = make_engine("vllm", str(hf), cfg.rollout)
+            # a dead engine is replaced (rollout.max_restarts): the model directory holds the weights it needs
+            engine = RestartingEngine(lambda: make_engine("vllm", str(hf), cfg.rollout), cfg.rollout.max_restarts)
             return sample_pools(engine, fmt, task, task.eval, cfg.eval, budgets, scorer)
         finally:
             if engine is not None:
