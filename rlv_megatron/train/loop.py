@@ -305,7 +305,8 @@ def train_one(step, policy, engine, task, fmt, cfg, metrics, out_dir, place, sou
     ahead, pool = sources
     lead = place.owns_engine and place.dp_rank == 0
     t0 = time.perf_counter()
-    with at_boundary(step if ahead is None else None):  # sync mode: the rollouts come before training
+    # sync mode: the rollouts come before training (but they change a partial-rollout pool as they go)
+    with at_boundary(step if ahead is None and pool is None else None):
         values = rl_step(step, policy, engine, task, fmt, cfg, metrics, place, ahead, None if ahead else pool)
     step_s = time.perf_counter() - t0
     lengths = values.pop("response/lengths")
