@@ -240,7 +240,7 @@ def checkpoint_at(step: int, policy, cfg, out_dir: Path, place: Placement, sourc
         latest = save_checkpoint(step, policy, cfg, out_dir, place, sources)
     if latest is None:
         return "no checkpoint (train.keep_checkpoints=0): the same command starts over"
-    return f"checkpoint {latest} (RL step {step}) saved: the same command resumes"
+    return f"checkpoint {latest} saved: the same command resumes at RL step {step}"
 
 
 def checkpoint_after_death(e: EngineDied, policy, cfg, out_dir: Path, place: Placement, sources) -> str:
@@ -251,7 +251,7 @@ def checkpoint_after_death(e: EngineDied, policy, cfg, out_dir: Path, place: Pla
     latest = checkpoint.latest(out_dir / "checkpoints")
     if latest is None:
         return "no checkpoint yet: the same command starts over"
-    return f"the same command resumes from {latest} (RL step {checkpoint.verify(latest)['step']})"
+    return f"the same command resumes from {latest}, at RL step {checkpoint.verify(latest)['step']}"
 
 
 def partial_pool(cfg, place: Placement, resumed) -> PartialRollouts | None:
