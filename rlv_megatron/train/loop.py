@@ -72,6 +72,7 @@ def collect_rollouts(step, engine, task, fmt, cfg, place: Placement, version: in
     stats = {**gen_stats, "rollout/token_lag_mean": sum(lags) / max(len(lags), 1),
              "rollout/token_lag_max": max(lags, default=0),
              "grader/timeouts": grade_stats.get("timeouts", 0), "grader/errors": grade_stats.get("errors", 0),
+             "rollout/engine_restarts": getattr(engine, "restarts", 0),  # over the run (rollout/restart.py)
              "response/length_mean": sum(lengths) / len(lengths), "response/length_max": max(lengths),
              "response/length_min": min(lengths),
              "response/truncated_fraction": sum(s.finish_reason == "length" for _, s in flat) / len(flat),
