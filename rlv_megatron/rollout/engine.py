@@ -146,8 +146,7 @@ class VLLMEngine:
                                stop_token_ids=list(stop_token_ids), logprobs=0, min_tokens=at(min_tokens, i),
                                seed=at(seeds, i))
                   for i in range(len(prompts))]
-        with self._woken_if_engine_dies():
-            outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
+        outs = self._generate(prompts, params)
         result = []
         for out in outs:
             samples = []
@@ -164,8 +163,7 @@ class VLLMEngine:
         {Yes, No} when `no_token_id` is given; a token outside the top-k log-probs counts as P=0."""
         params = self._params(n=1, temperature=1.0, top_p=1.0, max_tokens=1, logprobs=self.cfg.logprobs_topk,
                               seed=0)
-        with self._woken_if_engine_dies():
-            outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
+        outs = self._generate(prompts, params)
         scores = []
         for out in outs:
             top = out.outputs[0].logprobs[0]
@@ -176,10 +174,13 @@ class VLLMEngine:
     def prompt_logprobs(self, sequences: Sequence[Sequence[int]]) -> list[list[float]]:
         """log p(token_t | tokens_<t) for t >= 1 of each sequence, as the engine computes them."""
         params = self._params(n=1, temperature=1.0, max_tokens=1, prompt_logprobs=0)
-        with self._woken_if_engine_dies():
-            outs = self.llm.generate([{"prompt_token_ids": list(s)} for s in sequences], params, use_tqdm=False)
+        outs = self._generate(sequences, params)
         return [[pos[tok].logprob for pos, tok in zip(out.prompt_logprobs[1:], seq[1:])]
                 for out, seq in zip(outs, sequences)]
+
+    def _generate(self, token_ids: Sequence[Sequence[int]], params):
+        with self._woken_if_engine_dies():
+            return self.llm.generate([{"prompt_token_ids": list(t)} for t in token_ids], params, use_tqdm=False)
 
     # ---- weights --------------------------------------------------------------------------------
 
