@@ -17,6 +17,7 @@ pytestmark = pytest.mark.slow
 # fp32 engine: both sides compute the same math in the same precision; observed differences ~5e-7.
 TOL = 1e-4
 MAX_TOKENS = 12
+LONG_PROMPT = 200  # past one CPU KV block of 128 tokens (max_model_len 256)
 STOP = 2
 
 
@@ -50,6 +51,9 @@ def _scenario(model_dir):
     try:
         out["pre_engine"] = torch.tensor(engine.prompt_logprobs([seq])[0])
         out["pre_megatron"] = _megatron_logprobs(chunks, seq, arch.vocab_size)
+        # a prompt longer than a CPU KV block (128 tokens) fills the prefix cache with the old weights' KV
+        long_prompt = torch.randint(3, arch.vocab_size, (LONG_PROMPT,)).tolist()
+        engine.generate([long_prompt], max_tokens=MAX_TOKENS, seeds=[5])
         # one optimizer step on a next-token loss
         opt = torch.optim.AdamW(chunks[0].parameters(), lr=1e-2)
         tokens = torch.tensor([seq])
@@ -60,6 +64,13 @@ def _scenario(model_dir):
         out["sync"] = (stats.tensors, stats.buckets, stats.bytes)
         out["post_engine"] = torch.tensor(engine.prompt_logprobs([seq])[0])
         out["post_megatron"] = _megatron_logprobs(chunks, seq, arch.vocab_size)
+        # the same long request after the sync: sampled by the new weights alone (Megatron's log-probs), and
+        # the same as after an explicit prefix-cache reset
+        after_sync = engine.generate([long_prompt], max_tokens=MAX_TOKENS, seeds=[5])[0][0]
+        engine.llm.reset_prefix_cache()
+        after_reset = engine.generate([long_prompt], max_tokens=MAX_TOKENS, seeds=[5])[0][0]
+        out["long_after_sync"] = (after_sync, after_reset, _megatron_logprobs(
+            chunks, long_prompt + after_sync.token_ids, arch.vocab_size)[LONG_PROMPT - 1:])
         # an incomplete sync is refused with the missing names
         partial = [(n, t) for n, t in iter_hf_tensors(chunks, arch) if "layers.3." not in n]
         try:
@@ -144,6 +155,13 @@ def test_weight_sync_reaches_engine(scenario):
     assert (scenario["post_engine"] - scenario["post_megatron"]).abs().max().item() < TOL
     # the optimizer step moved the logprobs far beyond the tolerance, and the engine followed
     assert (scenario["post_engine"] - scenario["pre_engine"]).abs().max().item() > 100 * TOL
+
+
+def test_no_kv_of_the_old_weights_after_a_sync(scenario):
+    """The prefix cache is reset by a sync: a long prompt seen before it is recomputed by the new weights."""
+    after_sync, after_reset, megatron = scenario["long_after_sync"]
+    assert (torch.tensor(after_sync.logprobs) - megatron).abs().max().item() < TOL
+    assert after_sync.token_ids == after_reset.token_ids and after_sync.logprobs == after_reset.logprobs
 
 
 def test_incomplete_sync_is_refused(scenario):

@@ -227,6 +227,10 @@ class VLLMEngine:
             missing = self.llm.collective_rpc("rlv_finish_update")
             stats.finish_seconds = time.perf_counter() - t_finish
         stats.missing = sorted(set().union(*map(set, missing)))
+        # The prefix cache holds KV computed by the old weights: a prompt (or a partial rollout's continuation)
+        # sharing a cached block would be sampled from a mix of old and new weights. The engine is idle here.
+        if not self.llm.reset_prefix_cache():
+            raise RuntimeError("the engine could not reset its prefix cache after a weight sync (requests running)")
         stats.seconds = time.perf_counter() - t0
         if stats.missing:
             raise RuntimeError(f"weight sync left {len(stats.missing)} engine parameters unset, e.g. "
@@ -236,7 +240,8 @@ class VLLMEngine:
     # ---- memory (GPU sleep mode) ----------------------------------------------------------------
 
     def sleep(self) -> None:
-        """Free the engine's GPU memory (weights to host, KV cache dropped) while the trainer trains."""
+        """Free the engine's GPU memory (weights to host, KV cache dropped) while the trainer trains. Level 1
+        also clears the prefix cache (vLLM's EngineCore.sleep), so a woken engine holds no stale KV."""
         if self.cfg.enable_sleep_mode and self.on_gpu and not self._asleep:
             self.llm.sleep(level=1)
             self._asleep = True
