@@ -13,21 +13,25 @@ from tests.test_parallel_step import KEYS, YES, NO, synthetic_batch
 pytestmark = pytest.mark.slow
 
 
-def _policy(model_dir, tp):
+def _policy(model_dir, tp, dtype="float32"):
     from rlv_megatron.config import Config, ParallelConfig
     from rlv_megatron.train.policy import Policy
 
     cfg = Config()
-    cfg.model.path = str(model_dir)
+    cfg.model.path, cfg.model.params_dtype = str(model_dir), dtype
     cfg.parallel = ParallelConfig(tp=tp)
     cfg.optim.lr, cfg.optim.eps = 1e-3, 1e-6
     return Policy(cfg)
 
 
 def _step(policy):
+    from megatron.core import parallel_state as ps
+
     from rlv_megatron.train.step import rl_objective, score
 
-    batch = synthetic_batch()
+    batch = synthetic_batch()  # under DP, each rank's share of it
+    batch = batch.select(torch.arange(len(batch)).chunk(ps.get_data_parallel_world_size())[
+        ps.get_data_parallel_rank()])
     old, _ = score(policy.chunks, batch, policy.vocab, 1.0, YES, NO, policy.cfg.train, policy.groups)
     old = old + 0.2 * torch.sin(torch.arange(old.numel()).view_as(old).float())
     return policy.train_step(batch, rl_objective(batch, old, policy.cfg.algo, policy.cfg.verifier, policy.vocab,
@@ -49,6 +53,25 @@ def resume_and_step(model_dir, root, tp, optimizer=True):
     policy = _policy(model_dir, tp)
     state = checkpoint.load(policy, checkpoint.latest(root), optimizer=optimizer)
     return state, [_step(policy), _step(policy)]
+
+
+def bf16_dp2_run(model_dir, root, resume):
+    """bfloat16 weights, DP=2 with the distributed optimizer: a step and a checkpoint (resume=False) or a new
+    process loading it (resume=True), then two more steps. Returns the steps' statistics, the model's tensors
+    and every optimizer tensor this rank holds (fp32 main params, Adam moments and steps)."""
+    from rlv_megatron.train import checkpoint
+
+    policy = _policy(model_dir, 1, "bfloat16")
+    if resume:
+        assert checkpoint.load(policy, checkpoint.latest(root)) == {"phase": "rl", "step": 1}
+    else:
+        _step(policy)
+        checkpoint.save(policy, root, step=1, run_state={"phase": "rl"})
+    steps = [_step(policy), _step(policy)]
+    model = {k: v.clone() for k, v in policy.model.state_dict().items() if torch.is_tensor(v)}
+    opt_tensors = [t.clone() for opt in policy.optimizer.chained_optimizers for g in opt.optimizer.param_groups
+                   for p in g["params"] for t in (p, *opt.optimizer.state[p].values())]
+    return steps, model, opt_tensors
 
 
 def export_and_compare(model_dir, root, out):
@@ -74,7 +97,7 @@ def export_and_compare(model_dir, root, out):
 
 def bf16_export_follows_training(model_dir, out):
     """export_hf without a dtype writes a bfloat16-trained model in bfloat16: its weights exactly, the float32
-    norm weights rounded. (Not through a checkpoint yet: bf16 optimizer states fail to save on CPU here.)"""
+    norm weights rounded. (Whole bf16 checkpoints: test_bf16_dp2_checkpoint_resumes_bit_for_bit.)"""
     from megatron.core import dist_checkpointing
     from safetensors.torch import load_file
 
@@ -178,3 +201,21 @@ def test_tp2_checkpoint_resumes_at_tp1_with_the_same_next_step(qwen, tmp_path):
 def test_bf16_model_exports_in_bf16_exactly(qwen, tmp_path):
     assert run_distributed(bf16_export_follows_training, 1, qwen, tmp_path)[0] == {("torch.bfloat16", True)}
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_bf16_dp2_checkpoint_resumes_bit_for_bit(qwen, tmp_path):
+    """Issue 29: a bfloat16 run with the distributed optimizer could not save (megatron's stale optimizer
+    index map in groups mixing fp32 norms and bf16 biases, checkpoint._sync_param_index_map). Saved at DP=2,
+    the process ended, a new one resumed at DP=2: the same layout and the same arithmetic, so the next two
+    steps equal the uninterrupted run's bit for bit, statistics, weights and optimizer states alike."""
+    root = tmp_path / "ckpt"
+    whole = run_distributed(bf16_dp2_run, 2, qwen, root, False)
+    resumed = run_distributed(bf16_dp2_run, 2, qwen, root, True)
+    for (steps_a, model_a, opt_a), (steps_b, model_b, opt_b) in zip(whole, resumed):
+        assert steps_b == steps_a
+        assert model_b.keys() == model_a.keys() and all(torch.equal(model_b[k], model_a[k]) for k in model_a)
+        assert len(opt_b) == len(opt_a) and all(torch.equal(b, a) for a, b in zip(opt_a, opt_b))
+    steps, model, _ = whole[0]
+    assert {str(t.dtype) for t in model.values()} == {"torch.bfloat16", "torch.float32"}  # bf16, fp32 norms
+    assert steps[1]["loss/total"] != steps[0]["loss/total"]  # the steps after the checkpoint did train
+    assert not torch.equal(whole[0][2][0], whole[1][2][0])  # each rank holds its own shard of the states

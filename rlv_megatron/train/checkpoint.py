@@ -55,6 +55,24 @@ def _chunk_key(name: str, i: int, n: int) -> str:
     return name if n == 1 else f"{name}{i}"
 
 
+def _sync_param_index_map(optimizer) -> None:
+    """A megatron-core 0.16.1 bug, on GPU as much as here (NVIDIA/Megatron-LM issue 2777, fixed upstream by PR
+    5835): DistributedOptimizer._build_optimizer_group_ranges numbers each parameter's place in its optimizer
+    group in grad-buffer order, but _build_model_and_main_param_groups then installs every group's shards
+    fp32 parameters first, 16-bit ones after. In a group that mixes the two (under bfloat16 our local-spec
+    norm weights stay float32, beside bfloat16 biases in the no-weight-decay group) the map points at another
+    parameter's shard: the checkpoint's get_parameter_state_dp_zero fails ("size of tensor a (256) must match
+    the size of tensor b (128)"), or, where sizes agree, saves and loads the states of the wrong parameter.
+    Training is unaffected (it pairs the lists themselves). Renumber in the installed order (idempotent, no
+    change for single-dtype groups)."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not hasattr(opt, "model_fp32_groups"):  # megatron FSDP, stubs, the non-distributed optimizers
+            continue
+        opt.model_param_group_index_map = {
+            p: (g, i) for g, (fp32, f16) in enumerate(zip(opt.model_fp32_groups, opt.model_float16_groups))
+            for i, p in enumerate([*fp32, *f16])}
+
+
 def _sharded_state(policy, loading: bool, with_rng: bool, with_optimizer: bool = True) -> dict:
     chunks = policy.model_chunks
     model = {_chunk_key("model", i, len(chunks)): c.sharded_state_dict() for i, c in enumerate(chunks)}
@@ -62,6 +80,7 @@ def _sharded_state(policy, loading: bool, with_rng: bool, with_optimizer: bool =
     meta = {"distrib_optim_sharding_type": "fully_reshardable"}
     state = dict(model)
     if with_optimizer:
+        _sync_param_index_map(policy.optimizer)
         state["optimizer"] = policy.optimizer.sharded_state_dict(model, is_loading=loading, metadata=meta)
     if with_rng:
         state["rng"] = _rng_object(loading)
