@@ -56,11 +56,18 @@ def init_process_group(env: LaunchEnv | None = None) -> LaunchEnv:
     return env
 
 
+def comm_device(group=None) -> torch.device:
+    """Where a collective on `group` takes its tensors: NCCL only GPU tensors (the current device), gloo host."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_reduce_host(t: torch.Tensor, group=None, op=dist.ReduceOp.SUM) -> torch.Tensor:
     """In-place all_reduce of a host (CPU) tensor on any backend: NCCL reduces only GPU tensors, so there it
     goes through the current device and back. Returns `t`."""
     if dist.get_backend(group) == "nccl":
-        on_device = t.cuda()
+        on_device = t.to(comm_device(group))
         dist.all_reduce(on_device, op=op, group=group)
         t.copy_(on_device.cpu())
     else:

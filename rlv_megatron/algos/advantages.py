@@ -19,10 +19,10 @@ def group_stats(rewards: torch.Tensor, group_ids: torch.Tensor):
     """Per-sample group size, mean and unbiased variance (one pass of scatter-adds)."""
     groups = int(group_ids.max()) + 1 if group_ids.numel() else 0
     r = rewards.double()
-    n = torch.zeros(groups, dtype=torch.float64).index_add_(0, group_ids, torch.ones_like(r))
-    s = torch.zeros(groups, dtype=torch.float64).index_add_(0, group_ids, r)
+    n = torch.zeros(groups, dtype=torch.float64, device=r.device).index_add_(0, group_ids, torch.ones_like(r))
+    s = torch.zeros(groups, dtype=torch.float64, device=r.device).index_add_(0, group_ids, r)
     mean = s / n.clamp(min=1)
-    sq = torch.zeros(groups, dtype=torch.float64).index_add_(0, group_ids, (r - mean[group_ids]) ** 2)
+    sq = torch.zeros(groups, dtype=torch.float64, device=r.device).index_add_(0, group_ids, (r - mean[group_ids]) ** 2)
     var = sq / (n - 1).clamp(min=1)
     return n[group_ids], mean[group_ids], var[group_ids]
 

@@ -67,7 +67,7 @@ class Totals:
 
     @staticmethod
     def of(mask: torch.Tensor, dp_group=None) -> "Totals":
-        t = torch.tensor([mask.sum(), mask.shape[0], (mask.sum(-1) > 0).sum()], dtype=torch.float64)
+        t = torch.tensor([mask.sum(), mask.shape[0], (mask.sum(-1) > 0).sum()], dtype=torch.float64)  # host
         if dp_group is not None and torch.distributed.get_world_size(dp_group) > 1:
             from rlv_megatron.dist import all_reduce_host
 

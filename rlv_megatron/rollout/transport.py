@@ -66,7 +66,7 @@ def plan_buckets(tensors: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int,
 
 
 def nbytes(t: torch.Tensor, dtype: torch.dtype | None) -> int:
-    return t.numel() * (t.element_size() if dtype is None else torch.empty((), dtype=dtype).element_size())
+    return t.numel() * (t.element_size() if dtype is None else dtype.itemsize)
 
 
 def pack(bucket: list[tuple[str, torch.Tensor]], buf: torch.Tensor, dtype: torch.dtype | None = None) -> list[list]:
@@ -89,7 +89,7 @@ def unpack(buf: torch.Tensor, manifest: list[list]) -> Iterator[tuple[str, torch
         numel = 1
         for s in shape:
             numel *= s
-        n = numel * torch.empty((), dtype=dt).element_size()
+        n = numel * dt.itemsize
         yield name, buf[off:off + n].view(dt).view(shape)
 
 
@@ -114,7 +114,7 @@ class ShmBuffer:
         fcntl.flock(self._lock, fcntl.LOCK_EX)
         locking.rename(self.path)
         self.nbytes = 0
-        self.tensor = torch.empty(0, dtype=torch.uint8)
+        self.tensor = torch.empty(0, dtype=torch.uint8)  # host: /dev/shm pages
         self.ensure(nbytes)
 
     def ensure(self, nbytes: int) -> torch.Tensor:
@@ -128,7 +128,7 @@ class ShmBuffer:
         return {"kind": "shm", "path": str(self.path), "nbytes": self.nbytes}
 
     def close(self) -> None:
-        self.tensor = torch.empty(0, dtype=torch.uint8)
+        self.tensor = torch.empty(0, dtype=torch.uint8)  # host
         self.path.unlink(missing_ok=True)
         self._lock.close()
 
@@ -187,7 +187,7 @@ class CudaIpcBuffer:
             torch.cuda.get_device_properties(self.tensor.device).uuid)}
 
     def close(self) -> None:
-        self.tensor = torch.empty(0)
+        self.tensor = torch.empty(0)  # host: drops the GPU buffer
 
 
 def encode_ipc_args(args: tuple) -> list:

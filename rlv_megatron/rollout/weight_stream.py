@@ -12,6 +12,7 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
+import rlv_megatron.dist as rlv_dist
 from rlv_megatron.rollout.placement import Placement
 
 _END = "__end_of_stage__"
@@ -55,6 +56,6 @@ def _recv(src: int):
     name, meta = header
     if name == _END:
         return None
-    t = torch.empty(meta[0], dtype=meta[1])
+    t = torch.empty(meta[0], dtype=meta[1], device=rlv_dist.comm_device())  # NCCL receives on the GPU
     dist.recv(t, src=src)
     return name, t

@@ -161,9 +161,9 @@ def micro_batches(batch: SequenceBatch, per_token: dict[str, torch.Tensor], batc
     out = []
     for rows in plan:
         R, S = (R_all, S_all) if min_count > 1 else (len(rows), round_up(max(map(row_len, rows))))
-        tokens = torch.full((R, S), pad_id, dtype=torch.long)
-        seq = torch.full((R, S), -1, dtype=torch.long)
-        pos = torch.zeros((R, S), dtype=torch.long)
+        tokens = torch.full((R, S), pad_id, dtype=torch.long)  # host: run_schedule moves each to the device
+        seq = torch.full((R, S), -1, dtype=torch.long)  # host
+        pos = torch.zeros((R, S), dtype=torch.long)  # host
         segments = []
         for r, row in enumerate(rows):
             at = 0
@@ -175,12 +175,13 @@ def micro_batches(batch: SequenceBatch, per_token: dict[str, torch.Tensor], batc
                 for i, lo, hi in spans:
                     n = hi - lo
                     tokens[r, at:at + n] = batch.tokens[i, lo:hi]
-                    seq[r, at:at + n], pos[r, at:at + n] = i, torch.arange(lo, hi)
+                    seq[r, at:at + n], pos[r, at:at + n] = i, torch.arange(lo, hi)  # host
                     segments.append(Segment(r, at, at + n, *(prefix if lo and unit.shared else (0, 0))))
                     at += n
         valid = seq >= 0
         si, pi = seq.clamp(min=0), pos
-        fields = {k: torch.where(valid, v[si, pi], torch.zeros((), dtype=v.dtype)) for k, v in per_token.items()}
+        fields = {k: torch.where(valid, v[si, pi], torch.zeros((), dtype=v.dtype))  # host
+                  for k, v in per_token.items()}
         shares = any(s.prefix_end for s in segments)
         # one sequence per row, right-padded: megatron's own causal mask is exact
         thd = batching.pack and not shares
@@ -199,13 +200,13 @@ def thd_boundaries(segments: list[Segment], S: int) -> torch.Tensor:
     while at < S:
         at = min(at + piece, S)
         ends.append(at)
-    return torch.tensor([0] + ends, dtype=torch.int32)
+    return torch.tensor([0] + ends, dtype=torch.int32)  # host
 
 
 def scatter_back(mbs: list[MicroBatch], values: list[torch.Tensor], shape: tuple[int, int]) -> torch.Tensor:
     """Per-token values [R, S] of each micro-batch -> [B, L] in the SequenceBatch layout (0 elsewhere).
     A shared prompt's values land on its first sequence only (no loss reads them)."""
-    out = torch.zeros(shape, dtype=values[0].dtype)
+    out = torch.zeros(shape, dtype=values[0].dtype)  # host, like the SequenceBatch
     for mb, v in zip(mbs, values):
         valid = mb.seq >= 0
         out[mb.seq[valid], mb.pos[valid]] = v[valid]

@@ -46,7 +46,7 @@ def _answer_logprobs(head, mb, yes_id, no_id):
     """Full-vocabulary log-probs of (label, Yes, No) at the verification answer positions, [n] each."""
     at = mb.fields["answer"] > 0
     label = mb.fields["target"][at].long()[:, None]
-    lp = head.answer_logprobs(at, torch.cat([label, torch.tensor([yes_id, no_id]).expand(len(label), 2)], 1))
+    lp = head.answer_logprobs(at, torch.cat([label, torch.tensor([yes_id, no_id], device=label.device).expand(len(label), 2)], 1))
     return at, lp[:, 0], lp[:, 1], lp[:, 2]
 
 
@@ -68,7 +68,7 @@ def verifier_terms(head, mb, yes_id: int, no_id: int, mode: str = "full", renorm
 def token_fields(batch: SequenceBatch) -> dict[str, torch.Tensor]:
     """What every micro-batch carries: the targets, and 1 at each verification answer position."""
     answer = torch.zeros_like(batch.targets, dtype=torch.float32)
-    answer[torch.arange(len(batch)), batch.verify_pos] = batch.has_verify.float()
+    answer[torch.arange(len(batch)), batch.verify_pos] = batch.has_verify.float()  # host: batches are built there
     return {"target": batch.targets.float(), "answer": answer}
 
 
@@ -78,7 +78,7 @@ def base_fields(batch: SequenceBatch, dp_group=None) -> dict[str, torch.Tensor]:
     total = batch.verify_weight.sum()
     if dp_group is not None and dist.get_world_size(dp_group) > 1:
         all_reduce_host(total, dp_group)
-    verify_w[torch.arange(len(batch)), batch.verify_pos] = batch.verify_weight / total.clamp(min=1)
+    verify_w[torch.arange(len(batch)), batch.verify_pos] = batch.verify_weight / total.clamp(min=1)  # host
     resp = batch.response_mask.float()
     return {**fields, "verify_w": verify_w,
             "resp_w": aggregation_weights("token_mean", resp, Totals.of(resp, dp_group))}
@@ -109,7 +109,7 @@ def rl_objective(batch: SequenceBatch, old_logp, algo, ver, vocab, yes_id, no_id
         t = ppo_terms(logp, old, f["adv"], algo.clip_low, algo.clip_high, f["rollout_logp"],
                       algo.tis_cap, f.get("ref_logp"), algo.kl_beta, algo.off_policy)
         pol_loss = (t.loss * f["w"]).sum()
-        ver_loss = torch.zeros(())
+        ver_loss = pol_loss.new_zeros(())
         outputs = {}
         if old_logp is None:
             outputs["logp"] = logp.detach()
@@ -182,7 +182,7 @@ def run_schedule(chunks, mbs: list[MicroBatch], on_head, forward_only: bool, voc
 
 def reduce_stats(values: list[dict] | None, keys: tuple[str, ...], dp_group, pp_group) -> dict[str, float]:
     """Sum per-micro-batch statistics, over data-parallel ranks, and share them with every pipeline stage."""
-    t = torch.zeros(len(keys), dtype=torch.float64)
+    t = torch.zeros(len(keys), dtype=torch.float64)  # host: reduced by all_reduce_host
     for v in values or []:
         t += torch.stack([v[k].detach().double().cpu() for k in keys])
     for g in (pp_group, dp_group):
@@ -219,19 +219,19 @@ def score(chunks, batch: SequenceBatch, vocab, temperature, yes_id, no_id=None, 
     out = score_micro_batches(chunks, mbs, vocab, temperature, yes_id, no_id)
     logp, scores = batch_layout(mbs, None if out is None else [list(o) for o in out], 2,
                                 tuple(batch.targets.shape), groups.pp)
-    return logp, scores[torch.arange(len(batch)), batch.verify_pos]
+    return logp, scores[torch.arange(len(batch)), batch.verify_pos]  # host
 
 
 def batch_layout(mbs: list[MicroBatch], values: list[list[torch.Tensor]] | None, count: int, shape, pp_group
                  ) -> list[torch.Tensor]:
     """`count` per-token values of each micro-batch ([R, S], on the last pipeline stage; None elsewhere) ->
     `count` tensors [B, L] in the SequenceBatch layout, on every pipeline stage."""
-    both = torch.zeros((count,) + tuple(shape))
+    both = torch.zeros((count,) + tuple(shape))  # host, like the SequenceBatch
     if values is not None:
         for k in range(count):
             both[k] = scatter_back(mbs, [v[k].cpu() for v in values], shape)
     if pp_group is not None and dist.get_world_size(pp_group) > 1:
-        dist.all_reduce(both, group=pp_group)  # only the last stage holds non-zeros
+        all_reduce_host(both, pp_group)  # only the last stage holds non-zeros
     return list(both)
 
 

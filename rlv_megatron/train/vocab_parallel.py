@@ -56,7 +56,7 @@ class _TargetLogprob(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         z, m, sumexp, local, mine = ctx.saved_tensors
-        g = torch.zeros(*z.shape[:-1], ctx.width, dtype=z.dtype)
+        g = torch.zeros(*z.shape[:-1], ctx.width, dtype=z.dtype, device=z.device)
         real = g[..., :z.shape[-1]]
         torch.sub(z, m[..., None], out=real)
         real.exp_().div_(sumexp[..., None]).mul_(-grad[..., None])
@@ -67,7 +67,7 @@ class _TargetLogprob(torch.autograd.Function):
 
 def _row_max(z: torch.Tensor) -> torch.Tensor:
     if z.shape[-1] == 0:  # a shard of padding only: neutral for the MAX all-reduce
-        return torch.full(z.shape[:-1], torch.finfo(z.dtype).min, dtype=z.dtype)
+        return torch.full(z.shape[:-1], torch.finfo(z.dtype).min, dtype=z.dtype, device=z.device)
     return z.max(-1).values
 
 
