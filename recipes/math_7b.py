@@ -1,4 +1,4 @@
-"""Qwen2.5-Math-7B on MATH with RL^V, one 8-GPU node, inside the NGC container (a Hydra app).
+"""Qwen2.5-Math-7B on MATH with RL^V, one 8-GPU node, inside the project's container (a Hydra app).
 
 Layout (rlv_megatron/conf/math_7b.yaml): TP=2 x DP=4 megatron-core training in bf16 with full recompute
 and the distributed optimizer; one colocated vLLM engine (TP=2) per data-parallel replica, asleep while the

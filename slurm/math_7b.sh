@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Qwen2.5-Math-7B RL^V (recipes/math_7b.py): one torchrun per node, 8 GPUs each; TP=2 x DP=4 per node.
 #   RLV_MODEL_DIR=/models/Qwen2.5-Math-7B RLV_DATA_DIR=/data sbatch slurm/math_7b.sh [overrides...]
-#   RLV_CONTAINER_IMAGE=/images/rlv-megatron.sqsh sbatch slurm/math_7b.sh     # inside the NGC image (pyxis)
+#   RLV_CONTAINER_IMAGE=/images/rlv-megatron.sqsh sbatch slurm/math_7b.sh     # inside the image (pyxis)
 #SBATCH --job-name=rlv-math-7b
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1

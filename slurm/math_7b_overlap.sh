@@ -2,7 +2,7 @@
 # Qwen2.5-Math-7B RL^V with overlapped rollouts (recipes/math_7b.py --config-name math_7b_overlap): one
 # torchrun per node, 8 GPUs each; TP=2 x DP=4 per node, engine and trainer at once on every GPU.
 #   RLV_MODEL_DIR=/models/Qwen2.5-Math-7B RLV_DATA_DIR=/data sbatch slurm/math_7b_overlap.sh [overrides...]
-#   RLV_CONTAINER_IMAGE=/images/rlv-megatron.sqsh sbatch slurm/math_7b_overlap.sh     # inside the NGC image (pyxis)
+#   RLV_CONTAINER_IMAGE=/images/rlv-megatron.sqsh sbatch slurm/math_7b_overlap.sh     # inside the image (pyxis)
 #SBATCH --job-name=rlv-math-7b-overlap
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
