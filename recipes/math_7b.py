@@ -2,7 +2,7 @@
 
 Layout (rlv_megatron/conf/math_7b.yaml): TP=2 x DP=4 megatron-core training in bf16 with full recompute
 and the distributed optimizer; one colocated vLLM engine (TP=2) per data-parallel replica, asleep while the
-trainer runs; weights streamed to it after every step. `rlv plan` for it on H100 80GB: 48 GiB per GPU,
+trainer runs; weights streamed to it after every step. `rlv plan` for it on H100 80GB: 55 GiB per GPU,
 about 52k train and 106k rollout tokens/s for the node (README: "Cluster recipes").
 
     torchrun --nproc-per-node 8 recipes/math_7b.py                     # GRPO^V

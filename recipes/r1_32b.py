@@ -2,7 +2,7 @@
 
 Layout (rlv_megatron/conf/r1_32b.yaml): TP=8 with sequence parallelism inside a node x DP=2 across nodes,
 bf16, full recompute, distributed optimizer; one vLLM engine (TP=8) per node, asleep while training.
-`rlv plan` on H100 80GB: 56 GiB per GPU; the KV cache holds 48 of a node's 256 sequences at 32k tokens, so
+`rlv plan` on H100 80GB: 64 GiB per GPU; the KV cache holds 48 of a node's 256 sequences at 32k tokens, so
 rollouts run in waves (README: "Cluster recipes"). On 4 nodes: parallel.pp=2 (TP=8 x PP=2 x DP=2).
 
     sbatch slurm/rlv_r1_32b.sh                                  # the cluster launch (one torchrun per node)

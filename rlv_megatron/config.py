@@ -226,6 +226,10 @@ class TrainConfig:
     # without it, pass --model); false: deleted at the end
     keep_start: bool = True
     export_final: bool = True  # write <out_dir>/model/: the final policy as a HF directory
+    # while a colocated engine is awake (sync mode, rollout.enable_sleep_mode, on GPU): the optimizer state to
+    # host memory and the gradient buffers freed (train/offload.py), so the engine runs beside the weights
+    # alone; false: the whole training state stays on the GPU beside it (`rlv plan` counts either). CPU: no effect
+    offload_during_rollout: bool = True
     resume: bool = True  # continue from out_dir/checkpoints/latest when there is one (said at start-up)
     # SIGTERM (Slurm, a container runtime): finish the RL step, checkpoint and exit 0; a step boundary not
     # reached within this many seconds ends the run at once (status 143; the last checkpoint resumes)

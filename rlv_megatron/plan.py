@@ -15,11 +15,15 @@ schedule's in-flight micro-batches):
                (param_bytes + 2 x 4), the output, its fp32 copy and the softmax kept for backward
   engine       vLLM takes rollout.gpu_memory_utilization of the GPU: its weights (bf16 / rollout TP), the
                rest KV cache (2 x layers x kv_heads x head_dim x 2 bytes per token / rollout TP), which sets
-               how many of the replica's sequences decode at once at full length; with sleep mode the engine's
-               memory is freed while training runs, so the peak is max(train, engine), else the sum (always
-               the sum under rollout.mode=overlap: the engine generates while the trainer trains); with
-               rollout.engine_gpus the engines have GPUs of their own (the last of each node), so training and
-               the engine are on different GPUs and the total is the fuller of the two
+               how many of the replica's sequences decode at once at full length; with sleep mode (sync) the
+               engine's memory is freed while training runs, and the peak is the larger of two phases (`phases`):
+               training (every term above) and generation (what stays of the trainer's beside the awake engine's
+               share: the weights, and with train.offload_during_rollout=false the grads and optimizer too, which
+               train/offload.py otherwise moves to host memory; activations and logits are returned to the
+               driver by torch.cuda.empty_cache() first); without sleep mode the sum (always the sum under
+               rollout.mode=overlap: the engine generates while the trainer trains); with rollout.engine_gpus
+               the engines have GPUs of their own (the last of each node), so training and the engine are on
+               different GPUs and the total is the fuller of the two
 Throughput: training at `mfu` of peak bf16 FLOPs with 6 x params FLOPs per token (8 with full recompute);
 decoding limited by memory bandwidth (each step reads the weights and the KV cache once).
 Validated against measured peak memory of small configs on CPU (tests/test_plan.py); the GPU figures
@@ -73,6 +77,7 @@ class Plan:
     capacity: float = 0.0
     throughput: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    phases: dict[str, float] = field(default_factory=dict)  # sleep mode: bytes per GPU in training, generation
     problems: list[str] = field(default_factory=list)  # reasons it cannot run besides the total
 
     @property
@@ -205,8 +210,18 @@ def estimate(cfg: Config, arch: ModelArch, device: Device, world_size: int, mfu:
             idle = sum(ro.engine_gpus - k * rtp for k in per_node)
             if idle and not plan.problems:
                 plan.notes.append(f"{idle} engine GPU(s) idle: engines run on their replica's first node")
+        elif asleep_in_training:  # two phases; the engine's start is like the generation phase
+            offloaded = tr.offload_during_rollout  # train/offload.py: grads and optimizer off while it is awake
+            kept = m["weights"] + (0.0 if offloaded else m["grads"] + m["optimizer"])
+            plan.phases = {"training": train_total, "generation": kept + reserve}
+            plan.total = max(plan.phases.values())
+            plan.notes.append(f"sleep mode: training {train_total / GiB:.1f} GiB (the engine asleep), generation "
+                              f"{(kept + reserve) / GiB:.1f} GiB (the engine's {reserve / GiB:.1f} beside the "
+                              + ("weights; grads and optimizer in host memory: train.offload_during_rollout)"
+                                 if offloaded else "weights, grads and optimizer: train.offload_during_rollout"
+                                 "=false)"))
         else:
-            plan.total = max(train_total, reserve) if asleep_in_training else train_total + reserve
+            plan.total = train_total + reserve
         if kv_budget == 0:
             plan.problems.append(f"rollout.gpu_memory_utilization={ro.gpu_memory_utilization}: the engine's "
                                  f"{reserve / GiB:.1f} GiB do not hold its {engine_weights / GiB:.1f} GiB of weights")

@@ -129,7 +129,7 @@ def _run(cfg: Config, sigterm) -> Path | None:
         if cfg.algo.kl_beta > 0 and policy.reference is None:
             policy.freeze_reference()
         start = policy.export(out / "start", task.tokenizer, dtype=getattr(torch, cfg.model.params_dtype))
-        devices = engine_devices(place, cfg.rollout)  # collective under rollout.engine_gpus > 0
+        devices = engine_devices(place, cfg.rollout)  # collective on GPU: each engine on its replica's GPUs
         engine = start_engine(cfg, start, devices, policy, place, sigterm) if place.owns_engine else None
         if cfg.eval.before_rl and lead:
             results["before_rl"] = run_eval(-1, engine, task, fmt, cfg, metrics, pool_scorer(policy, cfg))

@@ -16,7 +16,7 @@ from rlv_megatron.tasks.math_data import load_math
 
 ROOT = Path(__file__).resolve().parents[1]
 # recipe -> (architecture preset, GPUs, the per-GPU GiB its header and docstring state)
-RECIPES = {"math_7b": ("qwen2.5-math-7b", 8, 48.0), "r1_32b": ("r1-distill-qwen-32b", 16, 56.0),
+RECIPES = {"math_7b": ("qwen2.5-math-7b", 8, 55.1), "r1_32b": ("r1-distill-qwen-32b", 16, 63.6),
            "math_7b_overlap": ("qwen2.5-math-7b", 8, 75.9), "r1_32b_overlap": ("r1-distill-qwen-32b", 16, 78.5),
            "math_7b_disagg": ("qwen2.5-math-7b", 8, 72.0), "r1_32b_disagg": ("r1-distill-qwen-32b", 32, 77.5)}
 METHODS = {"grpo_v": ("grpo", "token_mean"), "loo_ppo_v": ("rloo", "token_mean"),

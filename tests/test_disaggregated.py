@@ -9,6 +9,7 @@ import types
 from pathlib import Path
 
 import pytest
+import torch
 
 from rlv_megatron import plan
 from rlv_megatron.config import Config, ConfigError, RolloutConfig, apply_overrides, validate
@@ -40,7 +41,8 @@ def test_a_node_that_cannot_hold_its_engines_is_refused_naming_the_field():
         engine_gpu_ids([0], 0, 6, 8, _rollout())
 
 
-def test_engine_devices_is_none_when_colocated_and_refused_without_gpus():
+def test_engine_devices_is_none_on_cpu_and_refused_without_gpus():
+    """On GPU every engine gets devices, colocated ones too (tests/test_gpu_rules.py); on CPU none."""
     assert engine_devices(Placement(), RolloutConfig()) is None
     with pytest.raises(ConfigError, match="rollout.engine_gpus=4: engines on GPUs of their own need GPUs"):
         engine_devices(Placement(), _rollout())
@@ -58,32 +60,35 @@ def test_visible_devices_is_set_for_the_spawn_and_restored(monkeypatch, before):
     with pytest.raises(RuntimeError), engine_mod.visible_devices(["3"]):
         raise RuntimeError("the engine failed to start")
     assert os.environ.get("CUDA_VISIBLE_DEVICES") == before  # restored on failure too
-    with engine_mod.visible_devices(None):  # colocated: untouched
+    with engine_mod.visible_devices(None):  # CPU: untouched
         assert os.environ.get("CUDA_VISIBLE_DEVICES") == before
 
 
-def test_the_engine_starts_with_its_own_devices_visible_and_syncs_through_shm(monkeypatch):
-    seen = {}
+def test_the_engine_starts_on_its_devices_and_picks_ipc_only_where_it_sees_the_trainers_gpu(monkeypatch):
+    seen = []
 
     class FakeLLM:  # stands in for vllm.LLM, which spawns its engine core with the environment it sees
         def __init__(self, **kwargs):
-            seen["visible"] = os.environ.get("CUDA_VISIBLE_DEVICES")
-            seen["kwargs"] = kwargs
+            seen.append(os.environ.get("CUDA_VISIBLE_DEVICES"))
 
     monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=FakeLLM))
     monkeypatch.setattr(engine_mod, "_env_for_cpu", lambda cfg: None)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
-    eng = engine_mod.make_engine("vllm", "model-dir", _rollout(), ["4", "5"])
-    assert seen["visible"] == "4,5" and "CUDA_VISIBLE_DEVICES" not in os.environ
-    eng.on_gpu = True  # as on a GPU node: the trainer's IPC buffer is on another GPU than the engine's
-    assert eng._transport() == "shm"
-    colocated = engine_mod.make_engine("vllm", "model-dir", RolloutConfig())
+    # as on a GPU node: the owner is the trainer rank on cuda:2 (rollout/placement.py own_gpu)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 2)
+    disagg = engine_mod.make_engine("vllm", "model-dir", _rollout(), ["4", "5"])
+    assert seen[-1] == "4,5" and "CUDA_VISIBLE_DEVICES" not in os.environ
+    disagg.on_gpu = True  # the trainer's IPC buffer is on a GPU the engine does not see
+    assert disagg._transport() == "shm"
+    # colocated (math_7b's second replica): its replica's GPUs, the owner's first; its workers see the buffer
+    colocated = engine_mod.make_engine("vllm", "model-dir", RolloutConfig(tensor_parallel_size=2), ["2", "3"])
     colocated.on_gpu = True
-    assert colocated._transport() == "cuda_ipc" and seen["visible"] is None
-    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: it would run on the trainer's GPU
-    with pytest.raises(ValueError, match="rollout.engine_gpus > 0 needs vLLM's engine in its own process"):
-        engine_mod.make_engine("vllm", "model-dir", _rollout(), ["4", "5"])
+    assert seen[-1] == "2,3" and colocated._transport() == "cuda_ipc"
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: it would run on this process's cuda:0
+    with pytest.raises(ValueError, match="an engine on GPUs 2,3 needs vLLM's engine in its own process"):
+        engine_mod.make_engine("vllm", "model-dir", RolloutConfig(), ["2", "3"])
 
 
 @pytest.mark.parametrize("override, message", [

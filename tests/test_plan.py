@@ -65,3 +65,50 @@ def test_estimate_bounds_the_measured_peak_on_cpu():
     assert out.returncode == 0, out.stderr[-2000:]
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert 0.85 <= r["estimated"] / r["measured"] <= 1.25, r
+
+
+# Parameter counts from the models' published safetensors indexes (not from plan.py): Qwen2.5-Math-7B and
+# DeepSeek-R1-Distill-Qwen-32B; their RMSNorm weights (two per layer and a final one) are not TP-sharded.
+PUBLISHED = {"qwen2.5-math-7b": (7_615_616_512, 28, 3584), "r1-distill-qwen-32b": (32_763_876_352, 64, 5120)}
+
+
+def _rank_params(preset, tp):
+    total, layers, h = PUBLISHED[preset]
+    norms = (2 * layers + 1) * h
+    return (total - norms) / tp + norms
+
+
+@pytest.mark.parametrize("preset,gpus,layout,util", [
+    ("qwen2.5-math-7b", 8, ["parallel.tp=2", "train.micro_batch_tokens=8192", "rollout.max_model_len=4096",
+                            "rollout.tensor_parallel_size=2", "algo.prompts_per_step=128"], 0.6),
+    ("r1-distill-qwen-32b", 16, ["parallel.tp=8", "parallel.sequence_parallel=true",
+                                 "train.micro_batch_tokens=32768", "rollout.max_model_len=32768",
+                                 "rollout.tensor_parallel_size=8", "algo.prompts_per_step=64"], 0.7)])
+def test_sleep_mode_phases_count_what_stays_beside_the_awake_engine(preset, gpus, layout, util):
+    """Generation: the engine's share of the GPU beside the weights (bf16), the grads (fp32) and Adam's state
+    (fp32 master + m + v over DP) only with train.offload_during_rollout=false; training: all of the trainer's
+    terms with the engine asleep. The peak is the larger phase; without sleep mode the engine adds to training."""
+    arch, dev = PRESETS[preset], DEVICES["h100-80gb"]
+    tp = int(layout[0].split("=")[1])
+    dp = gpus // tp
+    P = _rank_params(preset, tp)
+    engine = util * 80 * GiB
+    common = [*layout, "parallel.recompute=full", "parallel.distributed_optimizer=true",
+              f"rollout.gpu_memory_utilization={util}"]
+    on = estimate(_cfg(*common, "rollout.enable_sleep_mode=true"), arch, dev, gpus)
+    off = estimate(_cfg(*common, "rollout.enable_sleep_mode=true", "train.offload_during_rollout=false"),
+                   arch, dev, gpus)
+    awake = estimate(_cfg(*common), arch, dev, gpus)  # no sleep mode: both resident throughout
+    state = P * (2 + 4 + 12 / dp)  # weights, grads, optimizer
+    training = state + on.memory["activations"] + on.memory["logits"]
+    assert on.phases["generation"] == pytest.approx(P * 2 + engine, rel=1e-4)
+    assert off.phases["generation"] == pytest.approx(state + engine, rel=1e-4)
+    assert on.phases["training"] == pytest.approx(training, rel=1e-4)
+    assert off.phases["training"] == pytest.approx(training, rel=1e-4)
+    assert on.total == pytest.approx(max(P * 2 + engine, training), rel=1e-4)
+    assert off.total == pytest.approx(max(state + engine, training), rel=1e-4)
+    assert not awake.phases and awake.total == pytest.approx(training + engine, rel=1e-4)
+    check(on)  # both recipes fit with the offload
+    if preset == "r1-distill-qwen-32b":  # without it the engine's share does not fit beside the state
+        with pytest.raises(ConfigError, match="does not fit"):
+            check(off)

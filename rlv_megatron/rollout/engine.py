@@ -27,8 +27,8 @@ register_engine = ENGINES.register
 
 
 def make_engine(name: str, model_dir: str, cfg: RolloutConfig, devices: Sequence[str] | None = None):
-    """`devices`: the engine's own GPUs (CUDA_VISIBLE_DEVICES entries, rollout.engine_gpus > 0), else None:
-    the GPU of the process that owns it."""
+    """`devices`: the engine's GPUs as CUDA_VISIBLE_DEVICES entries (rollout/placement.py engine_devices: its
+    replica's GPUs, or with rollout.engine_gpus > 0 GPUs of its own), else None: whatever the process sees."""
     return ENGINES.lookup(name)(model_dir, cfg, devices)
 
 
@@ -86,8 +86,8 @@ class VLLMEngine:
     def __init__(self, model_dir: str, cfg: RolloutConfig, devices: Sequence[str] | None = None):
         multiprocessing = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1") != "0"
         if devices is not None and not multiprocessing:
-            raise ValueError("rollout.engine_gpus > 0 needs vLLM's engine in its own process (unset "
-                             "VLLM_ENABLE_V1_MULTIPROCESSING=0): in-process, it would run on the trainer's GPU")
+            raise ValueError(f"an engine on GPUs {','.join(devices)} needs vLLM's engine in its own process (unset "
+                             "VLLM_ENABLE_V1_MULTIPROCESSING=0): in-process, it would run on this process's cuda:0")
         if multiprocessing or cfg.tensor_parallel_size > 1:
             from rlv_megatron.mp_guard import require_main_guard
 
@@ -185,8 +185,12 @@ class VLLMEngine:
     # ---- weights --------------------------------------------------------------------------------
 
     def _transport(self) -> str:
-        if self.cfg.transport == "auto":  # an engine on GPUs of its own cannot open the trainer's IPC buffer
-            return "cuda_ipc" if self.on_gpu and self.devices is None else "shm"
+        if self.cfg.transport == "auto":  # IPC where the engine's workers can see the trainer's buffer's GPU:
+            # colocated (its replica's GPUs, the owner's first), not on GPUs of its own (rollout.engine_gpus)
+            from rlv_megatron.rollout.placement import own_gpu
+
+            sees = self.on_gpu and (self.devices is None or own_gpu() in self.devices)
+            return "cuda_ipc" if sees else "shm"
         if self.cfg.transport == "cuda_ipc" and not self.on_gpu:
             raise ValueError("rollout.transport=cuda_ipc needs a CUDA GPU (use shm on CPU)")
         return self.cfg.transport

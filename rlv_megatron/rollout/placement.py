@@ -4,10 +4,14 @@ One engine per data-parallel replica, owned by the replica's first rank (TP rank
 It generates and grades that replica's share of the step's prompts, then hands the training batch to the
 replica's other ranks; rollout statistics are averaged over the replicas.
 
-The engine runs on the owner's own GPU(s) (colocated), or, with rollout.engine_gpus > 0, on GPUs of the same
-node that the trainer does not use (disaggregated): the node's trainer ranks take its first GPUs, and the
-node's engine owners, in rank order, take rollout.tensor_parallel_size GPUs each after them. Engines on
-other nodes than their owner's are not supported (weights would need a cross-node transport).
+On GPU every engine's vLLM processes start with CUDA_VISIBLE_DEVICES naming its GPUs (vLLM binds its workers
+to cuda:0..rollout.tensor_parallel_size-1 of what they see). Colocated (rollout.engine_gpus = 0), those are
+its replica's own GPUs on the owner's node: the owner's first, then the replica's other ranks' by pipeline
+stage and TP rank (`colocated_gpu_ids`), so the engines of a node never share a GPU. With
+rollout.engine_gpus > 0 (disaggregated) they are GPUs of the same node that the trainer does not use: the
+node's trainer ranks take its first GPUs, and the node's engine owners, in rank order, take
+rollout.tensor_parallel_size GPUs each after them. Engines on other nodes than their owner's are not
+supported (weights would need a cross-node transport).
 """
 
 from __future__ import annotations
@@ -101,24 +105,74 @@ def engine_gpu_ids(node_owner_ranks: list[int], rank: int, trainer_gpus: int, no
     return list(range(trainer_gpus + j * rtp, trainer_gpus + (j + 1) * rtp))
 
 
-def engine_devices(place: Placement, rollout: RolloutConfig) -> list[str] | None:
-    """CUDA_VISIBLE_DEVICES entries of this rank's engine when engines have GPUs of their own, else None (the
-    engine shares the owner's GPU). Collective over the world when rollout.engine_gpus > 0."""
-    if rollout.engine_gpus == 0:
-        return None
-    if not torch.cuda.is_available():
-        raise ConfigError(f"rollout.engine_gpus={rollout.engine_gpus}: engines on GPUs of their own need GPUs "
-                          "(on CPU, rollout.cpu_threads_bind gives the engine its own cores)")
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    me = (socket.gethostname(), rank, place.owns_engine)
-    everyone = [me]
+@dataclass(frozen=True)
+class RankGpu:
+    """What each trainer rank reports for the placement of the engines."""
+    host: str
+    rank: int  # global rank
+    gpu: int  # node-local index of its GPU (torch.cuda.current_device())
+    engine_rank: int  # the global rank that owns its replica's engine
+    pp_rank: int = 0
+    tp_rank: int = 0
+
+
+def colocated_gpu_ids(ranks: list[RankGpu], owner: int, rollout_tp: int) -> list[int]:
+    """Node-local GPU indices of the colocated engine that `owner` owns: rollout.tensor_parallel_size GPUs of
+    its replica's ranks on the owner's node, the owner's own first, then by (pipeline stage, TP rank)."""
+    me = next(r for r in ranks if r.rank == owner)
+    mine = sorted((r for r in ranks if r.engine_rank == owner and r.host == me.host),
+                  key=lambda r: (r.pp_rank, r.tp_rank, r.rank))
+    gpus = list(dict.fromkeys(r.gpu for r in mine))  # (ranks sharing a GPU give it once)
+    if rollout_tp > len(gpus):
+        raise ConfigError(f"rollout.tensor_parallel_size={rollout_tp}: a colocated engine runs on its replica's GPUs "
+                          f"of its owner's node, and the replica of rank {owner} has {len(gpus)} on {me.host} "
+                          f"(its parallel.tp x parallel.pp ranks there): set rollout.tensor_parallel_size <= "
+                          f"{len(gpus)}, a larger parallel.tp, or engines on GPUs of their own (rollout.engine_gpus)")
+    return gpus[:rollout_tp]
+
+
+def visible_gpus() -> list[str]:
+    """This process's GPUs as CUDA_VISIBLE_DEVICES entries, by local index: Slurm or the user may already
+    narrow (or name by UUID) the node's GPUs, and an engine's list must be given in the same terms."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible:
+        return [v.strip() for v in visible.split(",")]
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def own_gpu() -> str:
+    """This process's current GPU as a CUDA_VISIBLE_DEVICES entry (where a trainer's IPC buffer lives)."""
+    return visible_gpus()[torch.cuda.current_device()]
+
+
+def _gather(me):
     if dist.is_initialized() and dist.get_world_size() > 1:
         everyone = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, me)
-    here = [r for host, r, _ in everyone if host == me[0]]
-    owners = [r for host, r, owns in everyone if owns and host == me[0]]
-    ids = engine_gpu_ids(owners, rank, len(here), torch.cuda.device_count(), rollout)
+        return everyone
+    return [me]
+
+
+def engine_devices(place: Placement, rollout: RolloutConfig) -> list[str] | None:
+    """CUDA_VISIBLE_DEVICES entries of this rank's engine on GPU (None on ranks that own none, and on CPU).
+    Collective over the world on GPU."""
+    if not torch.cuda.is_available():
+        if rollout.engine_gpus == 0:
+            return None
+        raise ConfigError(f"rollout.engine_gpus={rollout.engine_gpus}: engines on GPUs of their own need GPUs "
+                          "(on CPU, rollout.cpu_threads_bind gives the engine its own cores)")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    me = RankGpu(socket.gethostname(), rank, torch.cuda.current_device(), place.engine_rank, place.pp_rank,
+                 place.tp_rank)
+    everyone = _gather(me)
+    if rollout.engine_gpus == 0:  # every rank checks every engine: a refusal stops all ranks alike
+        owners = [r.rank for r in everyone if r.tp_rank == 0 and r.pp_rank == 0]
+        ids = {o: colocated_gpu_ids(everyone, o, rollout.tensor_parallel_size) for o in owners}.get(rank, [])
+    else:
+        here = [r.rank for r in everyone if r.host == me.host]
+        owners = [r.rank for r in everyone if r.host == me.host and r.tp_rank == 0 and r.pp_rank == 0]
+        ids = engine_gpu_ids(owners, rank, len(here), torch.cuda.device_count(), rollout)
     if not place.owns_engine:
         return None
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")  # Slurm or the user may already narrow the node's GPUs
-    return [visible.split(",")[i] for i in ids] if visible else [str(i) for i in ids]
+    visible = visible_gpus()
+    return [visible[i] for i in ids]

@@ -222,7 +222,40 @@ def decode_ipc_args(encoded: list, device_index: int) -> tuple:
     return tuple(args)
 
 
-def open_cuda_ipc(handle: dict, device_index: int) -> torch.Tensor:
+def visible_gpu_uuids() -> list[str]:
+    """This process's GPUs by local index, as physical identities (CUDA_VISIBLE_DEVICES renumbers them)."""
+    return [str(torch.cuda.get_device_properties(i).uuid) for i in range(torch.cuda.device_count())]
+
+
+def ipc_device_index(handle: dict, visible_uuids: list[str]) -> int:
+    """This process's index of the GPU a CUDA-IPC buffer lives on (its uuid travels with the handle: the
+    sender's own index means nothing under another CUDA_VISIBLE_DEVICES)."""
+    uuid = handle["device_uuid"]
+    if uuid not in visible_uuids:
+        raise RuntimeError(f"the weight buffer lives on GPU {uuid}, which this engine worker cannot see (it sees "
+                           f"{visible_uuids or 'no GPU'}): CUDA IPC needs the trainer's GPU among the engine's "
+                           "(colocated engines); use rollout.transport=shm")
+    return visible_uuids.index(uuid)
+
+
+def on_device(t: torch.Tensor, index: int) -> torch.Tensor:
+    """`t` on this process's GPU `index`: an engine worker whose GPU is not the buffer's (rollout TP > 1) makes
+    one device-to-device copy of the bucket, so that every weight loader meets tensors on its own device."""
+    return t.to(torch.device("cuda", index)) if t.is_cuda and t.device.index != index else t
+
+
+def synchronize_reads(*tensors: torch.Tensor) -> None:
+    """Wait for the work this process queued on the GPUs of `tensors` and on its current GPU (a cross-device
+    copy runs on the source GPU's stream), so that their memory may be overwritten by another process."""
+    for index in sorted({t.device.index for t in tensors if t.is_cuda} | {torch.cuda.current_device()}):
+        torch.cuda.synchronize(index)
+
+
+def open_cuda_ipc(handle: dict, device_index: int | None = None) -> torch.Tensor:
+    """The buffer of `handle`, mapped on the GPU it was sent from (`device_index`: that GPU's index here,
+    found by its uuid when None)."""
     from torch.multiprocessing.reductions import rebuild_cuda_tensor
 
+    if device_index is None:
+        device_index = ipc_device_index(handle, visible_gpu_uuids())
     return rebuild_cuda_tensor(*decode_ipc_args(handle["args"], device_index))

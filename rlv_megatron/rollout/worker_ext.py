@@ -2,7 +2,8 @@
 
 A weight update is three calls, so buckets stream through bounded memory:
   rlv_begin_update()            vLLM's layerwise reload: layers go back to checkpoint format
-  rlv_load_bucket(handle, m)    model.load_weights over views of the shared bucket
+  rlv_load_bucket(handle, m)    model.load_weights over views of the shared bucket (CUDA IPC: mapped on the GPU it
+                                was sent from, by uuid; the reads finished before it returns)
   rlv_finish_update()           layers not yet processed are processed (e.g. CPU prepacking)
 A layer is re-processed as soon as all of its weights arrived. Layers that never complete during loading
 (vocab-padded embeddings: fewer elements arrive than the kernel tensor holds) are processed in the finish
@@ -35,8 +36,9 @@ class WeightSyncExtension:
             if not hasattr(self, "_rlv_shm"):
                 self._rlv_shm = transport.ShmReader()
             return self._rlv_shm.open(handle)
-        if handle["kind"] == "cuda_ipc":
-            return transport.open_cuda_ipc(handle, torch.cuda.current_device())
+        if handle["kind"] == "cuda_ipc":  # on the trainer's GPU (one of the engine's): found by its uuid
+            self._rlv_sent = transport.open_cuda_ipc(handle)
+            return transport.on_device(self._rlv_sent, torch.cuda.current_device())
         raise ValueError(f"unknown weight transport {handle['kind']!r}")
 
     @torch.no_grad()
@@ -48,6 +50,10 @@ class WeightSyncExtension:
             loaded = self._rlv_model().load_weights(transport.unpack(buf, manifest))
         self._rlv_loaded |= set(loaded or ())
         self._rlv_detach_pending(buf)
+        if handle["kind"] == "cuda_ipc":
+            # the copies out of the trainer's buffer are queued, not done: the trainer packs the next bucket into
+            # it as soon as this call returns (vLLM's RLHF example synchronizes here too)
+            transport.synchronize_reads(self._rlv_sent, buf)
         return len(manifest)
 
     def _rlv_detach_pending(self, buf: torch.Tensor) -> None:

@@ -25,7 +25,7 @@ from rlv_megatron.eval.equivalence import AnswerKeys
 from rlv_megatron.eval.sampling import evaluate
 from rlv_megatron.plan import total_params
 from rlv_megatron.eval.scaling import verifier_quality
-from rlv_megatron.train import checkpoint
+from rlv_megatron.train import checkpoint, offload
 from rlv_megatron.train.packing import computed_tokens
 from rlv_megatron.train.preempt import Preempted, SigtermWatch
 from rlv_megatron.train.seeds import step_seed
@@ -109,6 +109,8 @@ def rl_step(step, policy, engine, task, fmt, cfg, metrics, place: Placement = Pl
         with metrics.timer("rollout_wait"):  # the trainer idle, waiting for the generation (and the sync)
             ro, version, sync = ahead.take(step)
     ro = share_from_engine(ro, place)
+    if ahead is None:  # the engine rank put it to sleep before sharing: training's state back on the GPU
+        offload.after_generation(policy)
     for phase, seconds in ro.times.items():
         metrics.times[phase] += seconds
     batch, r, group_ids = ro.batch, ro.rewards, ro.group_ids
@@ -171,6 +173,7 @@ def sync_weights(policy, engine, place: Placement, metrics) -> dict:
 
 def _sync_weights(policy, engine, place: Placement, metrics) -> dict:
     with metrics.timer("sync"):
+        offload.before_generation(policy)  # every rank: the GPUs of the engine about to wake (train/offload.py)
         if place.owns_engine:
             engine.wake_up()  # asleep during a sync-mode step's training (rollout.enable_sleep_mode)
         weights = stream_weights(policy, place)

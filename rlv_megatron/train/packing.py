@@ -142,13 +142,36 @@ def plan_rows(lens: list[int], budget: int, pack: bool, min_count: int = 1, fixe
     return plan + [[] for _ in range(n_mb - len(plan))]
 
 
+# FP8 GEMMs (model.fp8, TransformerEngine). TE checks every FP8 GEMM's input with assert_dim_for_fp8_exec
+# (transformer_engine/pytorch/utils.py; the same rule from TE v2.4 through v2.18 and main, 2.20.0.dev0, read
+# there): "the product of all dimensions except the last [must] be divisible by 8 and the last dimension by 16".
+# The leading dimensions are the tokens: rows x sequence, and under sequence parallel the rank's own share,
+# S / TP x rows, because module/linear.py checks the input before its all-gather. The weight-gradient GEMM
+# contracts over the tokens, which makes them the last (16) dimension of its operands: Megatron aligns FP8 token
+# counts to 16 for this (megatron/core/fp8_utils.py get_fp8_align_size), and MXFP8 to 32 (TE's
+# MXFP8Quantizer.is_quantizable: both dimensions multiples of MXFP8_BLOCK_SCALING_SIZE = 32).
+def fp8_token_multiple(fp8: str | None, fp8_recipe: str = "delayed") -> int:
+    """What every FP8 GEMM's token count must be a multiple of (1 without FP8)."""
+    if fp8 is None:
+        return 1
+    return 32 if fp8_recipe == "mxfp8" else 16
+
+
+def seq_multiple(tp: int, sequence_parallel: bool, fp8: str | None = None, fp8_recipe: str = "delayed") -> int:
+    """The multiple of S of every micro-batch [R, S]: TP under sequence parallel (the sequence is scattered
+    over the TP ranks), and under FP8 so that each rank's tokens, S (/ TP) x R for any R, are a multiple of
+    fp8_token_multiple (packed THD micro-batches have R = 1: S alone must do it)."""
+    shards = tp if sequence_parallel else 1
+    return shards * fp8_token_multiple(fp8, fp8_recipe)
+
+
 def micro_batches(batch: SequenceBatch, per_token: dict[str, torch.Tensor], batching, multiple_of: int = 1,
                   pad_id: int = 0, min_count: int = 1) -> list[MicroBatch]:
     """Split `batch` by `plan_rows` under `batching` (train.micro_batch_tokens, train.pack,
     train.share_prompts); `per_token` tensors [B, L] are carried along as
     MicroBatch.fields. Under a pipeline (min_count > 1) all micro-batches share one shape [R, S], empty
-    rows filling the last; without one each has its own. S is a multiple of `multiple_of` (TP with
-    sequence parallel)."""
+    rows filling the last; without one each has its own. S is a multiple of `multiple_of` (`seq_multiple`:
+    TP with sequence parallel, and the FP8 GEMMs' token multiple)."""
     lens = lengths(batch)
     budget = batching.micro_batch_tokens
     units = prompt_units(batch, lens, batching.share_prompts, budget)

@@ -63,7 +63,7 @@ class Policy:
             verifier_head.attach(self.model_chunks, cfg.model.path)  # before DDP: its buffers include the head
         self.vocab = arch.vocab_size
         self._use_head(self.model_chunks)
-        self.groups = Groups.current(cfg.parallel.sequence_parallel)
+        self.groups = Groups.current(cfg.parallel.sequence_parallel, cfg.model.fp8, cfg.model.fp8_recipe)
         self.tp_group = ps.get_tensor_model_parallel_group()
         self.chunks = self._wrap_ddp(self.model_chunks)
         self.optimizer = self._make_optimizer(cfg.optim.lr)

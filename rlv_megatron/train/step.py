@@ -242,15 +242,17 @@ _ONE_ROW_EACH = SimpleNamespace(micro_batch_tokens=1 << 30, pack=False, share_pr
 class Groups:
     dp: object = None
     pp: object = None
-    seq_multiple: int = 1  # sequence length multiple (TP size under sequence parallel)
+    seq_multiple: int = 1  # sequence length multiple (packing.seq_multiple: TP under sequence parallel, FP8)
     pp_size: int = 1  # at least this many micro-batches
 
     @staticmethod
-    def current(sequence_parallel: bool = False) -> "Groups":
+    def current(sequence_parallel: bool = False, fp8: str | None = None, fp8_recipe: str = "delayed") -> "Groups":
         from megatron.core import parallel_state as ps
 
+        from rlv_megatron.train.packing import seq_multiple
+
         if not ps.model_parallel_is_initialized():
-            return Groups()
+            return Groups(seq_multiple=seq_multiple(1, False, fp8, fp8_recipe))
         return Groups(ps.get_data_parallel_group(), ps.get_pipeline_model_parallel_group(),
-                      ps.get_tensor_model_parallel_world_size() if sequence_parallel else 1,
+                      seq_multiple(ps.get_tensor_model_parallel_world_size(), sequence_parallel, fp8, fp8_recipe),
                       ps.get_pipeline_model_parallel_world_size())
