@@ -94,7 +94,7 @@ def _run(cfg: Config, sigterm) -> Path | None:
     from rlv_megatron.rollout.placement import Placement, engine_devices
     from rlv_megatron.tasks.chat import ChatFormat
     from rlv_megatron.tasks.registry import make_task
-    from rlv_megatron.train import checkpoint
+    from rlv_megatron.train import checkpoint, offload
     from rlv_megatron.train.loop import pool_scorer, run_eval, train
     from rlv_megatron.train.sft import warm_start
     from rlv_megatron.eval import report
@@ -130,6 +130,7 @@ def _run(cfg: Config, sigterm) -> Path | None:
             policy.freeze_reference()
         start = policy.export(out / "start", task.tokenizer, dtype=getattr(torch, cfg.model.params_dtype))
         devices = engine_devices(place, cfg.rollout)  # collective on GPU: each engine on its replica's GPUs
+        offload.before_generation(policy)  # every rank: the engine starts beside the weights (train/offload.py)
         engine = start_engine(cfg, start, devices, policy, place, sigterm) if place.owns_engine else None
         if cfg.eval.before_rl and lead:
             results["before_rl"] = run_eval(-1, engine, task, fmt, cfg, metrics, pool_scorer(policy, cfg))

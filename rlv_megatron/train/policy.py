@@ -14,6 +14,7 @@ from rlv_megatron.models.builder import build_model, padded_vocab_size, resolve_
 from rlv_megatron.models.convert import iter_hf_tensors
 from rlv_megatron.models.hf_config import ModelArch, load_arch
 from rlv_megatron.models.hf_io import export_hf, load_hf_weights
+from rlv_megatron.train import offload
 from rlv_megatron.train.heads import FusedSpec, emit_hidden_states
 from rlv_megatron.train.packing import micro_batches
 from rlv_megatron.train.step import Groups, Objective, batch_layout, reduce_stats, run_schedule
@@ -132,6 +133,7 @@ class Policy:
                                      for k in objective.outputs}}
             return loss * scale, stats
 
+        offload.ensure_resident(self)  # its state on the GPU again (it was off while the engine was awake)
         for c in self.chunks:
             c.zero_grad_buffer()
         self.optimizer.zero_grad()
