@@ -143,8 +143,9 @@ def plan_rows(lens: list[int], budget: int, pack: bool, min_count: int = 1, fixe
 
 
 # FP8 GEMMs (model.fp8, TransformerEngine). TE checks every FP8 GEMM's input with assert_dim_for_fp8_exec
-# (transformer_engine/pytorch/utils.py; the same rule from TE v2.4 through v2.18 and main, 2.20.0.dev0, read
-# there): "the product of all dimensions except the last [must] be divisible by 8 and the last dimension by 16".
+# (transformer_engine/pytorch/utils.py, read at v2.11, the version docker/pins.txt installs; the same rule from
+# v2.4 through v2.18 and main, 2.20.0.dev0): "FP8 execution requires the product of all dimensions except the
+# last to be divisible by 8 and the last dimension to be divisible by 16".
 # The leading dimensions are the tokens: rows x sequence, and under sequence parallel the rank's own share,
 # S / TP x rows, because module/linear.py checks the input before its all-gather. The weight-gradient GEMM
 # contracts over the tokens, which makes them the last (16) dimension of its operands: Megatron aligns FP8 token
