@@ -69,6 +69,17 @@ def copy_tokenizer(src: str | Path | None, out: Path) -> None:
             shutil.copy2(Path(src) / name, out / name)
 
 
+def host_tensors(tensors, dtype: torch.dtype, keep: bool) -> dict[str, torch.Tensor]:
+    """Drive `tensors` (HF-named full tensors, gathered one at a time), each cast to `dtype` and copied to host
+    memory at once where `keep` (the writing rank), dropped elsewhere: a rank holds at most one full tensor on
+    its device, never the whole model (on the writer the whole model is in host memory instead)."""
+    out = {}
+    for name, t in tensors:
+        if keep:
+            out[name] = t.to(dtype).to("cpu", copy=True).contiguous()
+    return out
+
+
 def export_hf(chunks, arch: ModelArch, out_dir: str | Path, dtype: torch.dtype | None = None,
               tokenizer_from: str | Path | None = None) -> Path:
     """Write this (possibly TP/PP-sharded) model as a HF directory, atomically. Collective: all ranks call.
@@ -77,7 +88,9 @@ def export_hf(chunks, arch: ModelArch, out_dir: str | Path, dtype: torch.dtype |
 
     Each pipeline stage's TP-rank-0 / DP-rank-0 writes one safetensors shard (the last stage also a
     verifier head, models/verifier_head.py); global rank 0 writes the index, config.json and tokenizer
-    files, then publishes the directory with one rename."""
+    files, then publishes the directory with one rename. Tensors are gathered over TP one at a time and go
+    to host memory on the writer as they come (`host_tensors`); the other TP ranks drop each one, other
+    data-parallel replicas gather nothing."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
@@ -93,8 +106,8 @@ def export_hf(chunks, arch: ModelArch, out_dir: str | Path, dtype: torch.dtype |
         tmp.mkdir(parents=True)
     if distributed:
         dist.barrier()
-    tensors = {name: t.to(dtype).contiguous()
-               for name, t in iter_hf_tensors(chunks, arch, ps.get_tensor_model_parallel_group())}
+    tensors = host_tensors(iter_hf_tensors(chunks, arch, ps.get_tensor_model_parallel_group()), dtype, writer) \
+        if ps.get_data_parallel_rank() == 0 else {}  # the other replicas hold the same weights: no gather
     file = "model.safetensors" if pp == 1 else f"model-{pp_rank + 1:05d}-of-{pp:05d}.safetensors"
     if writer:
         save_file(tensors, str(tmp / file), metadata={"format": "pt"})
