@@ -5,6 +5,7 @@ import os
 import re
 import signal
 import time
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -31,8 +32,13 @@ def chaos_grader(response: str, gold: str) -> float:
         os._exit(1)
     elif response == "kill":  # like the OOM killer or a segfault: no Python cleanup at all
         os.kill(os.getpid(), signal.SIGKILL)
-    elif response == "slow":  # busy long enough to be killed from outside
-        time.sleep(2)
+    elif response.startswith("busy:"):  # killed from outside while busy: marks it, then holds until released
+        folder = Path(response.removeprefix("busy:"))
+        with open(folder / "busy.log", "a") as log:  # one line per item started: the worker's pid
+            log.write(f"{os.getpid()}\n")
+        deadline = time.monotonic() + 60
+        while not (folder / "release").exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
     return float(response == gold)
 
 
@@ -279,28 +285,55 @@ def test_pool_survives_timeouts_exceptions_and_dying_workers():
         pool.grade(["a"], ["a"])
 
 
-def test_a_worker_killed_from_outside_is_replaced_and_its_item_graded_again():
+def test_a_worker_killed_from_outside_is_replaced_and_its_item_graded_again(tmp_path):
+    """The kill lands while the worker is inside its item (it has logged that, and holds the item until the
+    kill is done), so the pool must grade that item again: a third "busy" item start is logged."""
+    import threading
+
     import psutil
 
-    with GraderPool("_test_chaos", workers=2, timeout_s=10.0) as pool:
+    busy = f"busy:{tmp_path}"
+    with GraderPool("_test_chaos", workers=2, timeout_s=30.0) as pool:
         pool.grade(["warm"], ["warm"])  # both workers started
         before = {w.proc.pid for w in pool._workers}
-        killed = []
+        killed, failed = [], []
+        log = tmp_path / "busy.log"
+
+        def started() -> list[int]:
+            return [int(x) for x in log.read_text().split("\n")[:-1]] if log.exists() else []  # whole lines
 
         def kill_a_busy_worker():
-            time.sleep(1.0)  # both workers are inside a 2 s "slow" item
-            graders = [c for c in psutil.Process().children() if c.name() == "rlv::grader" and c.pid in before]
-            assert len(graders) == 2  # found as `ps` shows them (other tests' pools may be alive too)
-            killed.append(graders[0].pid)
-            graders[0].kill()
+            try:
+                deadline = time.monotonic() + 60
+                while len(started()) < 2 and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                assert set(started()) == before, (started(), before)  # both workers are inside a "busy" item
+                graders = [c for c in psutil.Process().children() if c.name() == "rlv::grader" and c.pid in before]
+                assert len(graders) == 2  # found as `ps` shows them (other tests' pools may be alive too)
+                graders[0].kill()
+                killed.append(graders[0].pid)
+                try:  # dead before the items are released: it cannot answer its item
+                    while graders[0].status() != psutil.STATUS_ZOMBIE:
+                        time.sleep(0.01)
+                except psutil.NoSuchProcess:  # already reaped by the pool
+                    pass
+            except BaseException as e:
+                failed.append(e)
+            finally:
+                (tmp_path / "release").touch()
 
-        import threading
         killer = threading.Thread(target=kill_a_busy_worker)
         killer.start()
-        scores, stats = pool.grade(["slow", "slow", "a"], ["slow", "slow", "a"])
+        scores, stats = pool.grade([busy, busy, "a"], [busy, busy, "a"])
         killer.join()
-        assert killed and killed[0] not in {w.proc.pid for w in pool._workers}  # replaced
+        if failed:
+            raise failed[0]
+        now = {w.proc.pid for w in pool._workers}
+        assert killed and killed[0] not in now  # replaced
         assert not psutil.pid_exists(killed[0]) or psutil.Process(killed[0]).status() == psutil.STATUS_ZOMBIE
+        # the killed worker's item started again, on the other worker or the replacement
+        starts = started()
+        assert len(starts) == 3 and starts.count(killed[0]) == 1 and starts[2] in now, (starts, killed, now)
         assert scores == [1.0, 1.0, 1.0] and stats == {"graded": 3, "timeouts": 0, "errors": 0}
 
 
