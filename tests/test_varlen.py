@@ -1,4 +1,4 @@
-"""THD attention of the local spec (models.varlen) against SDPA under the dense block-diagonal mask."""
+"""THD attention of the local spec (models.varlen) against SDPA under the dense block-diagonal causal mask."""
 
 import random
 from types import SimpleNamespace
@@ -32,8 +32,15 @@ def test_varlen_attention_equals_sdpa_with_the_block_mask(seed):
     q, k, v = (torch.randn(T, heads, d, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
     w = torch.randn(T, heads * d, generator=g, dtype=torch.float64)
     out = varlen_attention(q, k, v, cu, scale=0.3)
-    mask = block_causal_mask(sequence_ids(cu, T)[None])
-    ref = F.scaled_dot_product_attention(*(t.permute(1, 0, 2)[None] for t in (q, k, v)), attn_mask=~mask, scale=0.3)
+    # the reference mask written here from the lengths, not by the module under test: token i of a sequence
+    # starting at s sees tokens s..i (True = attend, SDPA's boolean attn_mask convention)
+    allowed = torch.zeros(T, T, dtype=torch.bool)
+    start = 0
+    for n in lens:
+        for i in range(start, start + n):
+            allowed[i, start:i + 1] = True
+        start += n
+    ref = F.scaled_dot_product_attention(*(t.permute(1, 0, 2)[None] for t in (q, k, v)), attn_mask=allowed, scale=0.3)
     ref = ref[0].permute(1, 0, 2).reshape(T, -1)
     assert torch.allclose(out, ref, atol=1e-12)
     for a, b in zip(torch.autograd.grad((out * w).sum(), (q, k, v)), torch.autograd.grad((ref * w).sum(), (q, k, v))):
