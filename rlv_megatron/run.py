@@ -130,12 +130,15 @@ def _run(cfg: Config, sigterm) -> Path | None:
             policy.freeze_reference()
         start = policy.export(out / "start", task.tokenizer, dtype=getattr(torch, cfg.model.params_dtype))
         devices = engine_devices(place, cfg.rollout)  # collective on GPU: each engine on its replica's GPUs
-        offload.before_generation(policy)  # every rank: the engine starts beside the weights (train/offload.py)
-        engine = start_engine(cfg, start, devices, policy, place, sigterm) if place.owns_engine else None
+        # an SFT-only run, or one resumed with no RL step left, generates nothing: no engine (about 20 s on CPU)
+        generates = start_step < cfg.train.steps or cfg.eval.before_rl or cfg.eval.final
+        if generates:
+            offload.before_generation(policy)  # every rank: the engine starts beside the weights (train/offload.py)
+            engine = start_engine(cfg, start, devices, policy, place, sigterm) if place.owns_engine else None
         if cfg.eval.before_rl and lead:
             results["before_rl"] = run_eval(-1, engine, task, fmt, cfg, metrics, pool_scorer(policy, cfg))
         results["during_rl"] = train(policy, engine, task, fmt, cfg, metrics, out, start_step,
-                                     None if resume is None else (resume, run_state), sigterm)
+                                     None if resume is None else (resume, run_state), sigterm) if generates else []
         if not lead:
             return None
         final, pool = {}, []
