@@ -47,3 +47,23 @@ def run_distributed(fn, world_size, *args):
             if rep is None:
                 raise RuntimeError(f"rank {rank} died without a result")
         return [rep[0] for rep in reports]
+
+
+def _in_turn(fn, calls):
+    """fn(*args) for each args of `calls` in this one process group, megatron's parallel state built anew for
+    each (a new layout: tp, pp, vpp); seeds are set again by every init_megatron."""
+    from megatron.core import parallel_state as ps
+
+    out = []
+    for args in calls:
+        out.append(fn(*args))
+        if ps.model_parallel_is_initialized():
+            ps.destroy_model_parallel()
+    return out
+
+
+def run_distributed_in_turn(fn, world_size, calls: list[tuple]) -> list[list]:
+    """run_distributed for several calls in one spawn (start-up, mostly imports, is most of a small call's
+    time): each call's per-rank results, in the order of `calls`."""
+    by_rank = run_distributed(_in_turn, world_size, fn, calls)
+    return [[rank[i] for rank in by_rank] for i in range(len(calls))]

@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-from tests.distributed import run_distributed
 
 VOCAB = 1000
 
@@ -46,17 +45,48 @@ def _import_forward_export(model_dir, tp, pp, vpp, tokens, export_dir):
     return None if out is None else torch.cat(out)[..., :arch.vocab_size]
 
 
-def _check(model_dir, tmp_path, tp, pp, vpp=None):
+# Each conversion of this file: (family, tp, pp, vpp). All of one world size run in one spawn, once per module.
+CASES = {
+    "tp1_qwen2": ("qwen2", 1, 1, None), "tp1_llama": ("llama", 1, 1, None), "tp1_qwen2_tied": ("qwen2_tied", 1, 1, None),
+    "tp2_qwen2": ("qwen2", 2, 1, None), "tp2_llama": ("llama", 2, 1, None),
+    "pp2_qwen2": ("qwen2", 1, 2, None), "pp2_qwen2_tied": ("qwen2_tied", 1, 2, None),
+    "pp2_interleaved_llama": ("llama", 1, 2, 2),
+}
+
+
+def _tokens():
+    torch.manual_seed(0)
+    return torch.randint(0, VOCAB, (2, 24))
+
+
+def _convert(tiny_models, root, world) -> dict:
+    """name -> (each rank's logits, the export directory) for the cases of one world size, in one spawn."""
+    from tests.distributed import run_distributed_in_turn
+
+    names = [n for n, (_, tp, pp, _) in CASES.items() if tp * pp == world]
+    calls = [(str(tiny_models[CASES[n][0]]), CASES[n][1], CASES[n][2], CASES[n][3], _tokens(), str(root / n))
+             for n in names]
+    return {n: (r, root / n) for n, r in zip(names, run_distributed_in_turn(_import_forward_export, world, calls))}
+
+
+@pytest.fixture(scope="module")
+def tp1_converted(tiny_models, tmp_path_factory) -> dict:
+    return _convert(tiny_models, tmp_path_factory.mktemp("conversion"), 1)
+
+
+@pytest.fixture(scope="module")
+def converted(tiny_models, tmp_path_factory) -> dict:
+    return _convert(tiny_models, tmp_path_factory.mktemp("conversion"), 2)
+
+
+def _check(converted, tiny_models, name):
     from safetensors.torch import load_file
 
-    torch.manual_seed(0)
-    tokens = torch.randint(0, VOCAB, (2, 24))
+    family, tp, pp, _ = CASES[name]
+    model_dir = tiny_models[family]
+    tokens = _tokens()
     ref = _reference_logits(model_dir, tokens)
-    export_dir = tmp_path / f"export_tp{tp}_pp{pp}"
-    world = tp * pp
-    if world == 1:
-        from tests.distributed import run_distributed as _  # noqa: F401  (same code path below)
-    results = run_distributed(_import_forward_export, world, str(model_dir), tp, pp, vpp, tokens, str(export_dir))
+    results, export_dir = converted[name]
     last = [r for r in results if r is not None]
     assert len(last) == tp  # every TP rank of the last stage returns the gathered logits
     for logits in last:
@@ -74,22 +104,22 @@ def _check(model_dir, tmp_path, tp, pp, vpp=None):
 
 
 @pytest.mark.parametrize("family", ["qwen2", "llama", "qwen2_tied"])
-def test_tp1_matches_transformers(tiny_models, tmp_path, family):
-    _check(tiny_models[family], tmp_path, tp=1, pp=1)
+def test_tp1_matches_transformers(tp1_converted, tiny_models, family):
+    _check(tp1_converted, tiny_models, f"tp1_{family}")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["qwen2", "llama"])
-def test_tp2_matches_transformers(tiny_models, tmp_path, family):
-    _check(tiny_models[family], tmp_path, tp=2, pp=1)
+def test_tp2_matches_transformers(converted, tiny_models, family):
+    _check(converted, tiny_models, f"tp2_{family}")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["qwen2", "qwen2_tied"])
-def test_pp2_matches_transformers(tiny_models, tmp_path, family):
-    _check(tiny_models[family], tmp_path, tp=1, pp=2)
+def test_pp2_matches_transformers(converted, tiny_models, family):
+    _check(converted, tiny_models, f"pp2_{family}")
 
 
 @pytest.mark.slow
-def test_interleaved_pp2_matches_transformers(tiny_models, tmp_path):
-    _check(tiny_models["llama"], tmp_path, tp=1, pp=2, vpp=2)
+def test_interleaved_pp2_matches_transformers(converted, tiny_models):
+    _check(converted, tiny_models, "pp2_interleaved_llama")

@@ -4,7 +4,7 @@ packed against unpacked micro-batches; vocabulary-parallel log-probs against log
 import pytest
 import torch
 
-from tests.distributed import run_distributed
+from tests.distributed import run_distributed_in_turn
 
 YES, NO = 5, 7
 
@@ -91,11 +91,36 @@ def step_worker(model_dir, tp, pp, vpp, sp, dp, pack, agg, budget=64, recompute=
     return out
 
 
-def _run(model_dir, world, tp=1, pp=1, vpp=None, sp=False, pack=True, agg="token_mean", budget=64,
-         recompute="none", share=None, attention="sdpa"):
+def _args(model_dir, world, tp=1, pp=1, vpp=None, sp=False, pack=True, agg="token_mean", budget=64,
+          recompute="none", share=None, attention="sdpa"):
     dp = world // (tp * pp)  # budget 64: several micro-batches
-    return run_distributed(step_worker, world, model_dir, tp, pp, vpp, sp, dp, pack, agg, budget, recompute,
-                           share, attention)
+    return (model_dir, tp, pp, vpp, sp, dp, pack, agg, budget, recompute, share, attention)
+
+
+# Every step computed by this file, by name: (world size, step_worker's options). All of one world size run in
+# one spawn of that many processes (tests/distributed.run_distributed_in_turn), computed once for the module.
+RUNS = {
+    "reference": (1, {}),
+    "separate": (1, dict(share=False)),  # the grouped batch, every sample with its own copy of the prompt
+    "unpacked": (1, dict(pack=False)),
+    "dot_product": (1, dict(attention="dot_product")),
+    "selective_recompute": (1, dict(recompute="selective")),
+    "agg_seq_mean": (1, dict(agg="seq_mean")),
+    "agg_constant": (1, dict(agg="constant")),
+    "shared_packed": (1, dict(share=True)),
+    "shared_unpacked": (1, dict(share=True, pack=False)),
+    "shared_split_groups": (1, dict(share=True, budget=24)),
+    "tp2_sp": (2, dict(tp=2, sp=True)),
+    "pp2": (2, dict(pp=2)),
+    "pp2_interleaved": (2, dict(pp=2, vpp=2)),
+    "pp2_interleaved_whole_batch": (2, dict(pp=2, vpp=2, budget=4096)),
+    "dp2": (2, {}),
+    "tp2_full_recompute": (2, dict(tp=2, recompute="full")),
+    "dp2_agg_seq_mean": (2, dict(agg="seq_mean")),
+    "dp2_agg_constant": (2, dict(agg="constant")),
+    "shared_tp2_sp": (2, dict(share=True, tp=2, sp=True)),
+    "shared_pp2": (2, dict(share=True, pp=2)),
+}
 
 
 KEYS = ("loss/total", "loss/policy", "loss/verifier", "grad_norm", "policy/clip_fraction", "policy/entropy")
@@ -117,52 +142,51 @@ def qwen(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reference(qwen):
-    return _run(qwen, 1)[0]
+def runs(qwen) -> dict[str, list]:
+    """Each of RUNS by name: the per-rank results, two steps each."""
+    out = {}
+    for world in (1, 2):
+        names = [n for n, (w, _) in RUNS.items() if w == world]
+        results = run_distributed_in_turn(step_worker, world, [_args(qwen, world, **RUNS[n][1]) for n in names])
+        out.update(zip(names, results))
+    return out
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", [dict(tp=2, sp=True), dict(pp=2), dict(pp=2, vpp=2),
-                                    dict(pp=2, vpp=2, budget=4096), dict()],
-                         ids=["tp2_sp", "pp2", "pp2_interleaved", "pp2_interleaved_whole_batch", "dp2"])
-def test_parallel_step_equals_one_process(qwen, reference, layout):
-    results = _run(qwen, 2, **layout)
-    for r in results:  # every rank reports the same, mini-batch-wide statistics
-        _assert_same(reference, r, str(layout))
+@pytest.mark.parametrize("layout", ["tp2_sp", "pp2", "pp2_interleaved", "pp2_interleaved_whole_batch", "dp2"])
+def test_parallel_step_equals_one_process(runs, layout):
+    for r in runs[layout]:  # every rank reports the same, mini-batch-wide statistics
+        _assert_same(runs["reference"][0], r, layout)
 
 
 @pytest.mark.slow
-def test_packed_equals_unpacked(qwen, reference):
+def test_packed_equals_unpacked(runs):
     """The reference packs THD sequences (models.varlen); unpacked rows run under megatron's causal mask, and
     megatron's DotProductAttention gets the THD micro-batches as a dense block mask."""
-    _assert_same(reference, _run(qwen, 1, pack=False)[0], "unpacked")
-    _assert_same(reference, _run(qwen, 1, attention="dot_product")[0], "packed, dot_product attention")
+    _assert_same(runs["reference"][0], runs["unpacked"][0], "unpacked")
+    _assert_same(runs["reference"][0], runs["dot_product"][0], "packed, dot_product attention")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", [dict(), dict(pack=False), dict(budget=24), dict(world=2, tp=2, sp=True),
-                                    dict(world=2, pp=2)],
-                         ids=["packed", "unpacked", "split_groups", "tp2_sp", "pp2"])
-def test_shared_prompts_equal_separate_sequences(qwen, layout):
+@pytest.mark.parametrize("layout", ["packed", "unpacked", "split_groups", "tp2_sp", "pp2"])
+def test_shared_prompts_equal_separate_sequences(runs, layout):
     """Each prompt computed once for its samples (train.share_prompts): the same losses, gradient norm and
-    next step as every sample carrying its own copy of the prompt."""
-    layout = {"world": 1, **layout}
-    separate = _run(qwen, layout["world"], share=False)[0]
-    world = layout.pop("world")
-    for r in _run(qwen, world, share=True, **layout):
-        _assert_same(separate, r, f"shared prompts {layout}")
+    next step as every sample carrying its own copy of the prompt in one process (where TP=2 and PP=2 give
+    what one process does: test_parallel_step_equals_one_process)."""
+    for r in runs[f"shared_{layout}"]:
+        _assert_same(runs["separate"][0], r, f"shared prompts {layout}")
 
 
 @pytest.mark.slow
-def test_activation_recompute_changes_nothing(qwen, reference):
-    _assert_same(reference, _run(qwen, 2, tp=2, recompute="full")[0], "tp2 full recompute")
-    _assert_same(reference, _run(qwen, 1, recompute="selective")[0], "selective recompute")
+def test_activation_recompute_changes_nothing(runs):
+    _assert_same(runs["reference"][0], runs["tp2_full_recompute"][0], "tp2 full recompute")
+    _assert_same(runs["reference"][0], runs["selective_recompute"][0], "selective recompute")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("agg", ["seq_mean", "constant"])
-def test_aggregations_split_exactly_over_data_parallel(qwen, agg):
-    _assert_same(_run(qwen, 1, agg=agg)[0], _run(qwen, 2, agg=agg)[0], f"dp2 {agg}")
+def test_aggregations_split_exactly_over_data_parallel(runs, agg):
+    _assert_same(runs[f"agg_{agg}"][0], runs[f"dp2_agg_{agg}"][0], f"dp2 {agg}")
 
 
 def test_vocab_parallel_logprobs_equal_log_softmax():
@@ -307,11 +331,19 @@ def reference_worker(model_dir, agg, off_policy):
             "sft": (sft["sft/token_ce"] + sft["sft/verifier_ce"], sft_ref.item())}
 
 
+FORMULAS = [("token_mean", "truncated_is"), ("seq_mean", "masked_is"), ("constant", "behaviour_ratio")]
+
+
+@pytest.fixture(scope="module")
+def formulas(qwen) -> dict[tuple, dict]:
+    results = run_distributed_in_turn(reference_worker, 1, [(qwen, agg, off) for agg, off in FORMULAS])
+    return {case: r[0] for case, r in zip(FORMULAS, results)}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("agg, off_policy", [("token_mean", "truncated_is"), ("seq_mean", "masked_is"),
-                                              ("constant", "behaviour_ratio")])
-def test_micro_batched_loss_equals_the_whole_batch_formulas(qwen, agg, off_policy):
-    r = run_distributed(reference_worker, 1, qwen, agg, off_policy)[0]
+@pytest.mark.parametrize("agg, off_policy", FORMULAS)
+def test_micro_batched_loss_equals_the_whole_batch_formulas(formulas, agg, off_policy):
+    r = formulas[agg, off_policy]
     assert r["old_err"] < 1e-5
     for k in ("policy", "verifier", "clip"):
         assert r[k][0] == pytest.approx(r[k][1], abs=1e-5), k
@@ -337,7 +369,7 @@ def bf16_worker(model_dir, dtype):
 @pytest.mark.slow
 def test_bf16_training_follows_fp32(qwen):
     """bf16 weights with megatron's fp32 master copy and fp32 grads: the same steps to bf16 precision."""
-    fp32, bf16 = (run_distributed(bf16_worker, 1, qwen, d)[0] for d in ("float32", "bfloat16"))
+    fp32, bf16 = (r[0] for r in run_distributed_in_turn(bf16_worker, 1, [(qwen, "float32"), (qwen, "bfloat16")]))
     for a, b in zip(fp32, bf16):
         assert b["loss/total"] == pytest.approx(a["loss/total"], rel=2e-2)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=5e-2)
