@@ -8,7 +8,7 @@ import types
 import pytest
 import torch
 
-from tests.distributed import run_distributed
+from tests.distributed import run_distributed_in_turn
 from tests.test_checkpoint import _step
 
 
@@ -67,9 +67,9 @@ def train_with_round_trip(model_dir, mode):
 
 @pytest.mark.slow
 def test_offload_round_trip_leaves_training_unchanged(tiny_models):
-    base = run_distributed(train_with_round_trip, 2, tiny_models["qwen2"], "none")
-    for mode in ("reload", "step"):
-        out = run_distributed(train_with_round_trip, 2, tiny_models["qwen2"], mode)
+    model = tiny_models["qwen2"]
+    base, *outs = run_distributed_in_turn(train_with_round_trip, 2, [(model, m) for m in ("none", "reload", "step")])
+    for mode, out in zip(("reload", "step"), outs):
         for (steps, model, opt, seen), (steps0, model0, opt0, _) in zip(out, base):
             assert seen["all_moved"] and seen["equal_on_host"] and seen["twice"]
             assert seen["grad_storage"] and all(n == 0 for n in seen["grad_storage"])

@@ -5,7 +5,7 @@ built; log-probs only where a loss reads them; the equal-work options are valida
 import pytest
 import torch
 
-from tests.distributed import run_distributed
+from tests.distributed import run_distributed_in_turn
 from tests.test_parallel_step import NO, YES, synthetic_batch
 
 
@@ -39,8 +39,8 @@ def one_pass_worker(model_dir, mode, pp):
 @pytest.mark.slow
 @pytest.mark.parametrize("pp", [1, 2])
 def test_old_logprobs_from_the_training_forward_change_nothing(qwen, pp):
-    ref = run_distributed(one_pass_worker, pp, qwen, "recompute", pp)[-1]
-    got = run_distributed(one_pass_worker, pp, qwen, "current", pp)[-1]
+    ref, got = (r[-1] for r in run_distributed_in_turn(one_pass_worker, pp, [(qwen, "recompute", pp),
+                                                                          (qwen, "current", pp)]))
     for a, b in zip(ref[:2], got[:2]):
         for k in ("loss/total", "loss/policy", "loss/verifier", "grad_norm", "policy/ratio_mean", "policy/entropy"):
             assert b[k] == pytest.approx(a[k], abs=1e-6, rel=1e-6), k
