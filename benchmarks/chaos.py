@@ -22,6 +22,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -37,10 +38,14 @@ KEYS = ("reward/mean", "loss/total", "loss/policy", "loss/verifier", "grad_norm"
 
 
 def start(out: Path, *extra: str, run: list[str] = RUN) -> subprocess.Popen:
-    """The tiny recipe in its own process group (what it leaves is findable), output captured."""
-    return subprocess.Popen([sys.executable, str(ROOT / "recipes" / "tiny_cpu.py"), *run, f"train.out_dir={out}",
+    """The tiny recipe in its own process group (what it leaves is findable), output captured; `proc.shm_watch`
+    notes the /dev/shm files there were before it and the ones other process groups use while it runs."""
+    before = shm()
+    proc = subprocess.Popen([sys.executable, str(ROOT / "recipes" / "tiny_cpu.py"), *run, f"train.out_dir={out}",
                              *extra], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
+    proc.shm_watch = ShmWatch(proc.pid, before)
+    return proc
 
 
 def rows(out: Path) -> dict[int, dict]:
@@ -82,13 +87,42 @@ def shm() -> set[str]:
     return set(os.listdir("/dev/shm"))
 
 
-def leftovers(pgid: int, shm_before: set[str], wait_s: float = 30) -> list[str]:
+def _shm_in_use(outside_group: int) -> set[str]:
+    """The /dev/shm files that live processes outside process group `outside_group` map or hold open: a
+    neighbour's (another test, a pytest-xdist worker), not this run's. By inode: a POSIX semaphore is mapped
+    under the temporary name it was created with, then linked to its own."""
+    by_inode = {}
+    for name in shm():
+        try:
+            by_inode[os.stat(f"/dev/shm/{name}").st_ino] = name
+        except OSError:
+            continue
+    used = set()
+    for pid in (int(d) for d in os.listdir("/proc") if d.isdigit()):
+        if _group(pid) in (outside_group, None):
+            continue
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                used.update(int(line.split()[4]) for line in f if " /dev/shm/" in line)
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("/dev/shm/"):
+                    used.add(os.stat(f"/proc/{pid}/fd/{fd}").st_ino)
+        except OSError:
+            continue
+    return {by_inode[i] for i in used if i in by_inode}
+
+
+def leftovers(pgid: int, shm_before: set[str], foreign: set[str] = frozenset(), wait_s: float = 30) -> list[str]:
     """What a finished run left: processes of its group, new /dev/shm files (given `wait_s` to go: the resource
-    tracker unlinks a killed engine's shared memory as it exits)."""
+    tracker unlinks a killed engine's shared memory as it exits). A new file that processes of other groups used
+    (`foreign`: seen while the run ran; or now) is theirs."""
     deadline = time.time() + wait_s
     while True:
         left = [f"{p.info['name']} (pid {p.pid})" for p in psutil.process_iter(["name"]) if _group(p.pid) == pgid]
-        left += [f"/dev/shm/{name}" for name in sorted(shm() - shm_before)]
+        new = shm() - shm_before - foreign
+        if new:
+            new -= _shm_in_use(pgid)
+        left += [f"/dev/shm/{name}" for name in sorted(new)]
         if not left or time.time() > deadline:
             return left
         time.sleep(0.5)
@@ -101,10 +135,38 @@ def _group(pid: int) -> int | None:
         return None
 
 
-def finish(proc: subprocess.Popen, shm_before: set[str], timeout: float = 900) -> tuple[int, str, list[str]]:
-    """Wait for the run: its exit status, stderr, and what it left behind."""
-    _, err = proc.communicate(timeout=timeout)
-    return proc.returncode, err, leftovers(proc.pid, shm_before)
+class ShmWatch:
+    """While a run lives: the new /dev/shm files that processes of other groups use (a neighbour's: another
+    test's, a pytest-xdist worker's), polled each second, so that they are not taken for the run's leftovers."""
+
+    def __init__(self, pgid: int, before: set[str]):
+        self.pgid, self.before, self.foreign = pgid, before, set()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    def _poll(self) -> None:
+        while not self._done.wait(1.0):
+            if shm() - self.before - self.foreign:
+                self.foreign.update(_shm_in_use(self.pgid))
+
+    def stop(self) -> set[str]:
+        self._done.set()
+        self._thread.join()
+        return self.foreign
+
+
+def finish(proc: subprocess.Popen, shm_before: set[str] | None = None, timeout: float = 900
+           ) -> tuple[int, str, list[str]]:
+    """Wait for the run: its exit status, stderr, and what it left behind (new /dev/shm files: since
+    `shm_before`, or since `start`)."""
+    watch = getattr(proc, "shm_watch", None)
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    finally:
+        foreign = watch.stop() if watch else set()
+    before = shm_before if shm_before is not None else watch.before
+    return proc.returncode, err, leftovers(proc.pid, before, foreign)
 
 
 def differences(clean: dict[int, dict], other: dict[int, dict], keys=KEYS, tol: float = 1e-6) -> tuple[list, int]:

@@ -14,32 +14,24 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from chaos import child_named, differences, finish, rows, shm, start, wait_for_step  # noqa: E402
 
+from tests.shared_runs import TINY_SHORT as SMALL  # noqa: E402
+
 pytestmark = pytest.mark.slow
 
-SMALL = ["sft.steps=10", "train.steps=4", "train.save_every=1", "eval.num_problems=4", "eval.samples=2",
-         "algo.prompts_per_step=4", "algo.group_size=4", "algo.max_tokens=16", "algo.kl_beta=0.05",
-         "algo.filter_equal_reward_groups=false", "train.eval_every=2"]
 KEYS = ("reward/mean", "loss/total", "loss/policy", "loss/verifier", "grad_norm", "policy/kl_to_reference",
         "verifier/accuracy", "eval/weighted@2", "eval/pass@1")
 
 
 def _finish(proc) -> tuple[int, str]:
     """The run's status and stderr, once nothing of it is left (processes of its group, new /dev/shm files)."""
-    status, err, left = finish(proc, BEFORE)
+    status, err, left = finish(proc)
     assert not left, f"left behind: {left}"
     return status, err
 
 
-BEFORE: set[str] = set()
-
-
 @pytest.fixture(scope="module")
-def clean(tmp_path_factory) -> dict[int, dict]:
-    BEFORE.update(shm())
-    out = tmp_path_factory.mktemp("clean")
-    rc, err = _finish(start(out, run=SMALL))  # nothing left after a normal exit either
-    assert rc == 0, err[-3000:]
-    return rows(out)
+def clean(clean_tiny_run) -> dict[int, dict]:
+    return rows(clean_tiny_run)
 
 
 def _assert_same(a: dict[int, dict], b: dict[int, dict]) -> None:
@@ -48,20 +40,13 @@ def _assert_same(a: dict[int, dict], b: dict[int, dict]) -> None:
     assert compared >= 4 * 6 + 2 * 2  # the RL steps' values, the mid-run and the final evaluation's
 
 
-def test_engine_killed_mid_run_is_restarted_and_the_run_repeats_the_clean_one(tmp_path, clean):
-    proc = start(tmp_path, run=SMALL)
-    wait_for_step(proc, tmp_path, 0)
-    child_named(proc, "VLLM::EngineCore").kill()  # SIGKILL, as the OOM killer does
-    rc, err = _finish(proc)
-    assert rc == 0, err[-3000:]
-    assert "the rollout engine died during" in err and "restart 1 of rollout.max_restarts=3" in err
-    _assert_same(clean, rows(tmp_path))
-
-
-def test_engine_dead_for_good_then_sigterm_each_resume_to_the_clean_results(tmp_path, clean):
+def test_engine_deaths_and_sigterm_each_resume_to_the_clean_results(tmp_path, clean):
+    """One run meets every fault in turn, and ends with the clean run's values: the engine dead for good
+    (rollout.max_restarts=0: a checkpoint and exit 75), then, resumed, the engine killed mid-run (restarted with
+    the current weights, the call repeated) and SIGTERM (a checkpoint at the step boundary, exit 0)."""
     proc = start(tmp_path, "rollout.max_restarts=0", run=SMALL)
     wait_for_step(proc, tmp_path, 0)
-    child_named(proc, "VLLM::EngineCore").kill()
+    child_named(proc, "VLLM::EngineCore").kill()  # SIGKILL, as the OOM killer does
     rc, err = _finish(proc)
     assert rc == 75, err[-3000:]
     last = err.strip().splitlines()[-1]
@@ -69,16 +54,19 @@ def test_engine_dead_for_good_then_sigterm_each_resume_to_the_clean_results(tmp_
         "the same command resumes" in last, last
     assert "Traceback" not in err
 
-    proc = start(tmp_path, "rollout.max_restarts=0", run=SMALL)  # the same command
+    proc = start(tmp_path, run=SMALL)  # resumed, with restarts allowed (the default, 3)
+    wait_for_step(proc, tmp_path, 1)
+    child_named(proc, "VLLM::EngineCore", min_age_s=0.0).kill()
     wait_for_step(proc, tmp_path, 2)
     os.kill(proc.pid, signal.SIGTERM)  # the trainer only, as a container runtime does
     rc, err = _finish(proc)
     assert rc == 0, err[-3000:]
+    assert "the rollout engine died during" in err and "restart 1 of rollout.max_restarts=3" in err
     last = err.strip().splitlines()[-1]
     assert last.startswith("rlv: preempted (SIGTERM) after RL step") and "the same command resumes" in last, last
     assert not (tmp_path / "metrics.json").exists()
 
-    rc, err = _finish(start(tmp_path, "rollout.max_restarts=0", run=SMALL))
+    rc, err = _finish(start(tmp_path, run=SMALL))
     assert rc == 0, err[-3000:]
     _assert_same(clean, rows(tmp_path))
 

@@ -2,9 +2,6 @@
 TP=2: after a train step, vLLM's log-probs of a fixed sequence equal Megatron's; and a DP=2 run of the
 trainer repeats the DP=1 run."""
 
-import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,10 +9,10 @@ import pytest
 import torch
 
 from tests.distributed import run_distributed
+from tests.shared_runs import DP_KEYS, DP_SHORT, rl_steps, run_tiny
 from tests.test_parallel_step import NO, YES, synthetic_batch
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def sync_worker(model_dir, out_dir, tp, pp, rollout_tp=1):
@@ -67,7 +64,7 @@ def llama(tmp_path_factory):
     return make_hf_model("llama", tmp_path_factory.mktemp("llama") / "m", seed=5, tie_word_embeddings=True)
 
 
-@pytest.mark.parametrize("tp,pp,rollout_tp", [(2, 1, 1), (1, 2, 1), (1, 1, 2)],
+@pytest.mark.parametrize("tp,pp,rollout_tp", [(2, 1, 1), (1, 2, 1), pytest.param(1, 1, 2, marks=pytest.mark.two_cores)],
                          ids=["tp2", "pp2", "engine_tp2"])
 def test_sharded_weight_sync_reaches_the_engine_intact(llama, tmp_path, tp, pp, rollout_tp):
     r = run_distributed(sync_worker, tp * pp, llama, tmp_path, tp, pp, rollout_tp)[0]
@@ -77,27 +74,13 @@ def test_sharded_weight_sync_reaches_the_engine_intact(llama, tmp_path, tp, pp, 
     assert (after - before).abs().max() > 1e-2  # ...which moved far more than that
 
 
-SMALL = ["sft.steps=0", "train.steps=2", "eval.num_problems=4", "eval.samples=2", "algo.prompts_per_step=4",
-         "algo.group_size=4", "algo.max_tokens=12", "algo.filter_equal_reward_groups=false",
-         "train.resume=false", "rollout.dtype=float32"]
-
-
-def _run(out, nproc):
+def test_data_parallel_run_repeats_the_single_process_run(tmp_path, dp_reference_run):
     from rlv_megatron.dist import free_port
 
-    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-                f"--master_port={free_port()}"] if nproc > 1 else [sys.executable]
-    proc = subprocess.run([*launcher, str(ROOT / "recipes" / "tiny_cpu.py"), *SMALL, f"train.out_dir={out}"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if "reward/mean" in r]
-
-
-def test_data_parallel_run_repeats_the_single_process_run(tmp_path):
-    one, two = _run(tmp_path / "dp1", 1), _run(tmp_path / "dp2", 2)
-    assert len(one) == len(two) == 2
-    for a, b in zip(one, two):  # same rollouts (seeded per global prompt), same mini-batch loss and update
-        for k in ("reward/mean", "loss/total", "loss/verifier", "grad_norm", "response/length_mean"):
-            assert b[k] == pytest.approx(a[k], abs=1e-5, rel=1e-5), k
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
+    run_tiny(tmp_path, DP_SHORT, launcher)
+    one, two = rl_steps(dp_reference_run), rl_steps(tmp_path)
+    assert sorted(one) == sorted(two) == [0, 1, 2, 3]
+    for step in one:  # same rollouts (seeded per global prompt), same mini-batch loss and update
+        for k in DP_KEYS:
+            assert two[step][k] == pytest.approx(one[step][k], abs=1e-5, rel=1e-5), (step, k)

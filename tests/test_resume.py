@@ -13,12 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.shared_runs import TINY_SHORT as SMALL, rl_steps as _rl_steps
+
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = ["sft.steps=10", "train.steps=4", "train.save_every=1", "eval.num_problems=4", "eval.samples=2",
-         "algo.prompts_per_step=4", "algo.group_size=4", "algo.max_tokens=16", "algo.kl_beta=0.05",
-         "algo.filter_equal_reward_groups=false"]
 KEYS = ("reward/mean", "loss/total", "loss/policy", "loss/verifier", "grad_norm", "policy/kl_to_reference",
         "verifier/accuracy")
 
@@ -33,15 +32,13 @@ def _cmd(out: Path, mode: str) -> list[str]:
             f"train.out_dir={out}", f"rollout.mode={mode}"]
 
 
-def _rl_steps(out: Path) -> dict[int, dict]:
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r for r in rows if "reward/mean" in r}  # a repeated step: the resumed run's, last
-
-
-@pytest.mark.parametrize("mode", ["sync", "overlap", "overlap+partial"])
-def test_sigkill_and_resume_repeats_the_uninterrupted_run(tmp_path, mode):
+@pytest.mark.parametrize("mode", ["overlap", "overlap+partial", "sync"])  # sync last: its clean run is shared
+def test_sigkill_and_resume_repeats_the_uninterrupted_run(tmp_path, mode, request):
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    subprocess.run(_cmd(whole, mode), check=True, cwd=ROOT, capture_output=True, timeout=600)
+    if mode == "sync":  # the fault tests' clean run
+        whole = request.getfixturevalue("clean_tiny_run")
+    else:
+        subprocess.run(_cmd(whole, mode), check=True, cwd=ROOT, capture_output=True, timeout=600)
 
     proc = subprocess.Popen(_cmd(killed, mode), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)  # its own process group: the engine dies with it

@@ -2,7 +2,6 @@
 `openai` client: every strategy, adaptive stopping, seeds, 8 concurrent clients, errors, /metrics, the engine
 killed (503) and SIGTERM leaving no process behind."""
 
-import os
 import signal
 import socket
 import subprocess
@@ -12,6 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from chaos import ShmWatch, leftovers, shm  # noqa: E402
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,9 +52,12 @@ def server(model_dir):
     import httpx
 
     port = free_port()
+    before = shm()
     proc = subprocess.Popen([sys.executable, "-m", "rlv_megatron.cli", "serve", str(model_dir), "--config-name",
                              "tiny_cpu", "--port", str(port), "serve.model_name=tiny", "serve.batch_wait_s=0.05"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)  # its own process group: what it leaves is findable
+    proc.shm_watch = ShmWatch(proc.pid, before)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
@@ -201,4 +206,5 @@ def test_zz_engine_killed_then_sigterm(server, client):
     assert proc.wait(60) == 0
     time.sleep(1)
     assert not [p for p in everyone if p.is_running() and p.status() != "zombie"]
-    assert not [f for f in os.listdir("/dev/shm") if str(proc.pid) in f]
+    # the engine's shared memory (psm_*, sem.mp-*): unlinked by the server's resource tracker as it exits
+    assert not leftovers(proc.pid, proc.shm_watch.before, proc.shm_watch.stop())

@@ -16,12 +16,11 @@ from pathlib import Path
 import pytest
 
 from rlv_megatron.hydra_app import compose
+from tests.cores import every_core
+from tests.shared_runs import DP_KEYS, DP_SHORT, rl_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 HAVE_SLURM = all(shutil.which(b) for b in ("slurmctld", "slurmd", "sbatch", "munged")) and os.geteuid() == 0
-SHORT = ["sft.steps=0", "train.steps=4", "train.save_every=1", "eval.num_problems=4", "eval.samples=2",
-         "algo.prompts_per_step=4", "algo.group_size=4", "algo.max_tokens=12",
-         "algo.filter_equal_reward_groups=false", "rollout.dtype=float32"]
 
 
 def test_batch_scripts_parse_and_launch_existing_recipes():
@@ -52,8 +51,9 @@ def cluster(tmp_path_factory):
                         "(scripts/slurm_local.sh install)")
         pytest.skip("needs slurm-wlm and munge as root: scripts/slurm_local.sh install (CI does)")
     state = tmp_path_factory.mktemp("slurm")
-    start = subprocess.run(["bash", str(ROOT / "scripts/slurm_local.sh"), "start", str(state)],
-                           capture_output=True, text=True, timeout=120)
+    with every_core():  # the node's CPUs are the cores its daemons see, and the job's 2 tasks need 2
+        start = subprocess.run(["bash", str(ROOT / "scripts/slurm_local.sh"), "start", str(state)],
+                               capture_output=True, text=True, timeout=120)
     try:
         assert start.returncode == 0, start.stderr
         yield {**os.environ, "SLURM_CONF": str(state / "slurm.conf")}
@@ -79,10 +79,10 @@ def _wait_for(predicate, timeout, what):
 
 
 @pytest.mark.slow
-def test_tiny_job_trains_on_two_tasks_checkpoints_and_resumes_after_preemption(cluster, tmp_path):
+def test_tiny_job_trains_on_two_tasks_checkpoints_and_resumes_after_preemption(cluster, tmp_path, dp_reference_run):
     env = {**cluster, "RLV_RUN_ROOT": str(tmp_path), "RLV_PYTHON": str(ROOT / ".venv/bin/python")}
     job = subprocess.Popen(["sbatch", "--wait", "--parsable", f"--output={tmp_path}/job.out",
-                            str(ROOT / "slurm/tiny_cpu.sh"), *SHORT],
+                            str(ROOT / "slurm/tiny_cpu.sh"), *DP_SHORT],
                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         _wait_for(lambda: list(tmp_path.glob("rlv-tiny-cpu-*/checkpoints/step_00000002")), 300,
@@ -107,3 +107,11 @@ def test_tiny_job_trains_on_two_tasks_checkpoints_and_resumes_after_preemption(c
     assert manifest["step"] == 4 and manifest["layout_pp_tp_dp"] == [1, 1, 2]  # two data-parallel ranks
     final = json.loads((run / "metrics.json").read_text())
     assert final["num_problems"] == 4
+    # what the job computed, preempted and on two data-parallel tasks, is the same config's run in one process
+    one, job_steps = rl_steps(dp_reference_run), rl_steps(run)
+    assert sorted(job_steps) == sorted(one) == [0, 1, 2, 3]
+    for step in one:
+        for k in DP_KEYS:
+            assert job_steps[step][k] == pytest.approx(one[step][k], abs=1e-5, rel=1e-5), (step, k)
+    reference = json.loads((dp_reference_run / "metrics.json").read_text())
+    assert final == pytest.approx(reference, abs=1e-5, rel=1e-5, nan_ok=True)  # the final evaluation too
