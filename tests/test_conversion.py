@@ -79,14 +79,25 @@ def converted(tiny_models, tmp_path_factory) -> dict:
     return _convert(tiny_models, tmp_path_factory.mktemp("conversion"), 2)
 
 
-def _check(converted, tiny_models, name):
+def _check(model_dir, tmp_path, tp, pp, vpp=None):
+    """One conversion in its own spawn (tests/test_real_model.py's SmolLM2), checked as this file's are."""
+    from tests.distributed import run_distributed
+
+    export_dir = tmp_path / f"export_tp{tp}_pp{pp}"
+    results = run_distributed(_import_forward_export, tp * pp, str(model_dir), tp, pp, vpp, _tokens(), str(export_dir))
+    _verify(model_dir, results, export_dir, tp)
+
+
+def _check_case(converted, tiny_models, name):
+    results, export_dir = converted[name]
+    _verify(tiny_models[CASES[name][0]], results, export_dir, CASES[name][1])
+
+
+def _verify(model_dir, results, export_dir, tp):
     from safetensors.torch import load_file
 
-    family, tp, pp, _ = CASES[name]
-    model_dir = tiny_models[family]
     tokens = _tokens()
     ref = _reference_logits(model_dir, tokens)
-    results, export_dir = converted[name]
     last = [r for r in results if r is not None]
     assert len(last) == tp  # every TP rank of the last stage returns the gathered logits
     for logits in last:
@@ -105,21 +116,21 @@ def _check(converted, tiny_models, name):
 
 @pytest.mark.parametrize("family", ["qwen2", "llama", "qwen2_tied"])
 def test_tp1_matches_transformers(tp1_converted, tiny_models, family):
-    _check(tp1_converted, tiny_models, f"tp1_{family}")
+    _check_case(tp1_converted, tiny_models, f"tp1_{family}")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["qwen2", "llama"])
 def test_tp2_matches_transformers(converted, tiny_models, family):
-    _check(converted, tiny_models, f"tp2_{family}")
+    _check_case(converted, tiny_models, f"tp2_{family}")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["qwen2", "qwen2_tied"])
 def test_pp2_matches_transformers(converted, tiny_models, family):
-    _check(converted, tiny_models, f"pp2_{family}")
+    _check_case(converted, tiny_models, f"pp2_{family}")
 
 
 @pytest.mark.slow
 def test_interleaved_pp2_matches_transformers(converted, tiny_models):
-    _check(converted, tiny_models, "pp2_interleaved_llama")
+    _check_case(converted, tiny_models, "pp2_interleaved_llama")
