@@ -16,7 +16,7 @@ if os.environ.get("TRITON_INTERPRET") != "1":
 # Under pytest-xdist (scripts/test.sh): the files that take longest go first, so that neither worker is left
 # with a long file at the end. Order only; a file not named here keeps its place after these.
 # (Not --dist loadgroup: xdist 3.8 marks groups in Node._nodeid, which pytest 9.2 no longer reads.)
-LONGEST_FIRST = ["test_resume.py", "test_faults.py", "test_serve.py", "test_slurm.py", "test_parallel_sync.py",
+LONGEST_FIRST = ["test_slurm.py", "test_resume.py", "test_faults.py", "test_serve.py", "test_parallel_sync.py",
                  "test_real_model.py", "test_engine.py", "test_parallel_step.py", "test_run_options.py",
                  "test_eval_e2e.py", "test_checkpoint.py", "test_trainer.py", "test_grader_robustness.py"]
 

@@ -134,7 +134,12 @@ def test_two_rlv_steps_on_gsm8k_with_the_models_chat_template(smollm2, tmp_path)
     for s in rl:  # both losses were computed on the real model's own Yes/No tokens
         assert torch.isfinite(torch.tensor([s["loss/policy"], s["loss/verifier"], s["grad_norm"]])).all()
         assert 0.0 < s["loss/verifier"] and s["grad_norm"] > 0
-    assert json.loads((out / "metrics.json").read_text())["pass@1"] >= 0.0
+    final = json.loads((out / "metrics.json").read_text())
+    pool = [json.loads(line) for line in (out / "pool.jsonl").read_text().splitlines()]
+    assert len(pool) == 2 * 2 and (final["num_problems"], final["samples"]) == (2, 2)
+    assert all(r["answer"] is not None for r in pool if r["correct"])  # graded right: an answer was extracted
+    # the held-out pass@1 is the mean of its graded samples (2 per problem)
+    assert final["pass@1"] == pytest.approx(sum(bool(r["correct"]) for r in pool) / len(pool), abs=1e-9)
     # the run's start export keeps the tokenizer, the chat template and every special-token id
     start = json.loads((out / "start" / "config.json").read_text())
     src = json.loads((smollm2 / "config.json").read_text())
