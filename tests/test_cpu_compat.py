@@ -7,14 +7,15 @@ import sys
 import pytest
 
 from rlv_megatron.models import cpu_compat
+from rlv_megatron.rollout import cpu_executor
 
 
-@pytest.mark.parametrize("module,attr", cpu_compat.PATCHED_INTERNALS)
+@pytest.mark.parametrize("module,attr", cpu_compat.PATCHED_INTERNALS + cpu_executor.PATCHED_INTERNALS)
 def test_patched_internal_exists(module, attr):
     # A megatron-core upgrade that renames one of these would make the patch silently not apply.
     obj = importlib.import_module(module)
     for part in attr.split("."):
-        assert hasattr(obj, part), f"{module}.{attr} is gone: revisit cpu_compat.py"
+        assert hasattr(obj, part), f"{module}.{attr} is gone: revisit cpu_compat.py / rollout/cpu_executor.py"
         obj = getattr(obj, part)
 
 

@@ -49,18 +49,18 @@ def test_engine_devices_is_none_on_cpu_and_refused_without_gpus():
 
 
 @pytest.mark.parametrize("before", [None, "0,1,2,3,4,5,6,7"])
-def test_visible_devices_is_set_for_the_spawn_and_restored(monkeypatch, before):
+def test_devices_env_is_set_for_the_spawn_and_restored(monkeypatch, before):
     if before is None:
         monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     else:
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", before)
-    with engine_mod.visible_devices(["6", "7"]):
+    with engine_mod.environment(engine_mod.devices_env(["6", "7"])):
         assert os.environ["CUDA_VISIBLE_DEVICES"] == "6,7"
     assert os.environ.get("CUDA_VISIBLE_DEVICES") == before
-    with pytest.raises(RuntimeError), engine_mod.visible_devices(["3"]):
+    with pytest.raises(RuntimeError), engine_mod.environment(engine_mod.devices_env(["3"])):
         raise RuntimeError("the engine failed to start")
     assert os.environ.get("CUDA_VISIBLE_DEVICES") == before  # restored on failure too
-    with engine_mod.visible_devices(None):  # CPU: untouched
+    with engine_mod.environment(engine_mod.devices_env(None)):  # CPU: untouched
         assert os.environ.get("CUDA_VISIBLE_DEVICES") == before
 
 

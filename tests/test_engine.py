@@ -49,6 +49,7 @@ def _scenario(model_dir):
     export_dir = export_hf(chunks, arch, Path(tempfile.mkdtemp()) / "export", dtype=torch.float32)
     engine = VLLMEngine(str(export_dir), RolloutConfig(dtype="float32", max_model_len=256, weight_bucket_mb=1))
     try:
+        out["engine_processes"] = _engine_processes(engine)
         out["pre_engine"] = torch.tensor(engine.prompt_logprobs([seq])[0])
         out["pre_megatron"] = _megatron_logprobs(chunks, seq, arch.vocab_size)
         # a prompt longer than a CPU KV block (128 tokens) fills the prefix cache with the old weights' KV
@@ -139,6 +140,15 @@ def _partial_across_a_sync(engine, chunks, opt, arch, prompts):
     return [[d.sample() for d in g.drafts] for g in groups], ref
 
 
+def _engine_processes(engine) -> dict:
+    """The names of this process's vLLM processes, and the process and threads of each engine rank."""
+    import psutil
+
+    names = {p.pid: p.name() for p in psutil.Process().children(recursive=True) if p.name().startswith("VLLM::")}
+    return {"names": sorted(names.values()),
+            "ranks": [(names.get(r["pid"]), r["threads"]) for r in engine.worker_processes()]}
+
+
 @pytest.fixture(scope="module", params=["qwen2", "llama_tied"])
 def scenario(request, tiny_models):
     return run_distributed(_scenario, 1, str(tiny_models[request.param]))[0]
@@ -146,6 +156,15 @@ def scenario(request, tiny_models):
 
 def test_engine_matches_megatron_before_sync(scenario):
     assert (scenario["pre_engine"] - scenario["pre_megatron"]).abs().max().item() < TOL
+
+
+def test_the_model_runs_in_the_engine_core_process_with_the_workers_threads(scenario):
+    """rollout.cpu_executor=auto at one rank (rollout/cpu_executor.py): no worker process of its own, and the
+    engine core gets the thread count vLLM gives a worker (one per core of rollout.cpu_threads_bind=all)."""
+    import os
+
+    assert scenario["engine_processes"] == {"names": ["VLLM::EngineCore"],
+                                            "ranks": [("VLLM::EngineCore", len(os.sched_getaffinity(0)))]}
 
 
 def test_weight_sync_reaches_engine(scenario):

