@@ -61,10 +61,10 @@ def test_the_engine_core_is_spawned_with_the_binding_and_asks_for_uni(monkeypatc
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0-1")
     monkeypatch.delenv("LD_PRELOAD", raising=False)
     monkeypatch.setattr(engine_mod.torch.cuda, "is_available", lambda: False)
-    engine_mod.make_engine("vllm", "model-dir", RolloutConfig(), None)
+    engine_mod.make_engine("vllm", "model-dir", RolloutConfig(cpu_threads_bind="0-1"), None)
     assert seen[-1] == ("uni", "2", "{0,1}") and os.environ["OMP_NUM_THREADS"] == "1"
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
-    engine_mod.make_engine("vllm", "model-dir", RolloutConfig(tensor_parallel_size=2), None)
+    engine_mod.make_engine("vllm", "model-dir", RolloutConfig(tensor_parallel_size=2, cpu_threads_bind="0|1"))
     assert seen[-1] == (None, "1", None)  # vLLM's own executor, which binds each worker itself
 
 
