@@ -156,17 +156,18 @@ class ShmWatch:
         return self.foreign
 
 
-def finish(proc: subprocess.Popen, shm_before: set[str] | None = None, timeout: float = 900
-           ) -> tuple[int, str, list[str]]:
+def finish(proc: subprocess.Popen, shm_before: set[str] | None = None, timeout: float = 900,
+           with_stdout: bool = False) -> tuple:
     """Wait for the run: its exit status, stderr, and what it left behind (new /dev/shm files: since
-    `shm_before`, or since `start`)."""
+    `shm_before`, or since `start`); its stdout fourth if `with_stdout`."""
     watch = getattr(proc, "shm_watch", None)
     try:
-        _, err = proc.communicate(timeout=timeout)
+        out, err = proc.communicate(timeout=timeout)
     finally:
         foreign = watch.stop() if watch else set()
     before = shm_before if shm_before is not None else watch.before
-    return proc.returncode, err, leftovers(proc.pid, before, foreign)
+    result = (proc.returncode, err, leftovers(proc.pid, before, foreign))
+    return (*result, out) if with_stdout else result
 
 
 def differences(clean: dict[int, dict], other: dict[int, dict], keys=KEYS, tol: float = 1e-6) -> tuple[list, int]:

@@ -14,7 +14,7 @@ from filelock import FileLock
 ROOT = Path(__file__).resolve().parents[1]
 
 # The tiny recipe, short: 10 SFT steps, 4 RL steps with a checkpoint after each, evaluations at step 2 and
-# the end. tests/test_resume.py and tests/test_faults.py interrupt it and compare with its clean run.
+# the end. tests/test_faults.py interrupts it and compares with its clean run.
 TINY_SHORT = ["sft.steps=10", "train.steps=4", "train.save_every=1", "eval.num_problems=4", "eval.samples=2",
               "algo.prompts_per_step=4", "algo.group_size=4", "algo.max_tokens=16", "algo.kl_beta=0.05",
               "algo.filter_equal_reward_groups=false", "train.eval_every=2"]

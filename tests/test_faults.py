@@ -1,13 +1,16 @@
 """Faults a long run meets, on the tiny recipe: the vLLM engine process killed (restarted with the current
-weights, or, past rollout.max_restarts, a checkpoint and exit 75), SIGTERM (a checkpoint at the step boundary,
-exit 0); each time the same command resumes, and the results equal a run that met no fault. After every exit
+weights, or, past rollout.max_restarts, a checkpoint and exit 75), SIGKILL to the whole run after a checkpoint,
+SIGTERM (a checkpoint at the step boundary, exit 0); each time the same command resumes, and the results equal
+a run that met no fault (rollout.mode=overlap and partial rollouts: tests/test_resume.py). After every exit
 no process of the run and no /dev/shm segment it made is left."""
 
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,11 +25,12 @@ KEYS = ("reward/mean", "loss/total", "loss/policy", "loss/verifier", "grad_norm"
         "verifier/accuracy", "eval/weighted@2", "eval/pass@1")
 
 
-def _finish(proc) -> tuple[int, str]:
-    """The run's status and stderr, once nothing of it is left (processes of its group, new /dev/shm files)."""
-    status, err, left = finish(proc)
+def _finish(proc) -> tuple[int, str, str]:
+    """The run's status, stderr and stdout, once nothing of it is left (processes of its group, new /dev/shm
+    files)."""
+    status, err, left, out = finish(proc, with_stdout=True)
     assert not left, f"left behind: {left}"
-    return status, err
+    return status, err, out
 
 
 @pytest.fixture(scope="module")
@@ -40,14 +44,41 @@ def _assert_same(a: dict[int, dict], b: dict[int, dict]) -> None:
     assert compared >= 4 * 6 + 2 * 2  # the RL steps' values, the mid-run and the final evaluation's
 
 
-def test_engine_deaths_and_sigterm_each_resume_to_the_clean_results(tmp_path, clean):
+def _replacement_started(proc, dead_pid: int) -> None:
+    """Until the run has started an engine in place of the one killed (its death is then reported)."""
+    deadline = time.time() + 300
+    while True:
+        try:
+            if any(c.name() == "VLLM::EngineCore" and c.pid != dead_pid and c.status() != psutil.STATUS_ZOMBIE
+                   for c in psutil.Process(proc.pid).children(recursive=True)):
+                return
+        except psutil.NoSuchProcess:  # a child gone while being looked at
+            pass
+        assert proc.poll() is None and time.time() < deadline, "no engine replaced the one killed"
+        time.sleep(0.2)
+
+
+def _sigkill_once_checkpointed(proc, out: Path, step: int) -> None:
+    """SIGKILL to the run's whole process group (trainer and engine: no cleanup anywhere) once its checkpoint of
+    RL step `step` is complete."""
+    latest = out / "checkpoints" / "latest"
+    deadline = time.time() + 600
+    while not (latest.exists() and latest.read_text().strip() == f"step_{step:08d}"):
+        assert proc.poll() is None, f"the run ended before its step-{step} checkpoint"
+        assert time.time() < deadline
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_engine_deaths_sigkill_and_sigterm_each_resume_to_the_clean_results(tmp_path, clean):
     """One run meets every fault in turn, and ends with the clean run's values: the engine dead for good
-    (rollout.max_restarts=0: a checkpoint and exit 75), then, resumed, the engine killed mid-run (restarted with
-    the current weights, the call repeated) and SIGTERM (a checkpoint at the step boundary, exit 0)."""
+    (rollout.max_restarts=0: a checkpoint and exit 75); resumed, the engine killed mid-run (restarted with the
+    current weights, the call repeated), then SIGKILL to everything after the step-2 checkpoint; resumed from
+    it, SIGTERM (a checkpoint at the step boundary, exit 0); resumed again, to the end."""
     proc = start(tmp_path, "rollout.max_restarts=0", run=SMALL)
     wait_for_step(proc, tmp_path, 0)
     child_named(proc, "VLLM::EngineCore").kill()  # SIGKILL, as the OOM killer does
-    rc, err = _finish(proc)
+    rc, err, _ = _finish(proc)
     assert rc == 75, err[-3000:]
     last = err.strip().splitlines()[-1]
     assert last.startswith("rlv: the rollout engine died 1 time(s) in a row during") and \
@@ -56,17 +87,26 @@ def test_engine_deaths_and_sigterm_each_resume_to_the_clean_results(tmp_path, cl
 
     proc = start(tmp_path, run=SMALL)  # resumed, with restarts allowed (the default, 3)
     wait_for_step(proc, tmp_path, 1)
-    child_named(proc, "VLLM::EngineCore", min_age_s=0.0).kill()
+    dead = child_named(proc, "VLLM::EngineCore", min_age_s=0.0)
+    dead.kill()
+    _replacement_started(proc, dead.pid)
+    _sigkill_once_checkpointed(proc, tmp_path, 2)
+    rc, err, left = finish(proc)  # its /dev/shm files stay: no process was left to unlink them
+    assert not [thing for thing in left if not thing.startswith("/dev/shm/")], left
+    assert rc == -signal.SIGKILL and "the rollout engine died during" in err, err[-3000:]
+    assert "restart 1 of rollout.max_restarts=3" in err
+
+    proc = start(tmp_path, run=SMALL)  # resumed from what the SIGKILL left
     wait_for_step(proc, tmp_path, 2)
     os.kill(proc.pid, signal.SIGTERM)  # the trainer only, as a container runtime does
-    rc, err = _finish(proc)
+    rc, err, out = _finish(proc)
     assert rc == 0, err[-3000:]
-    assert "the rollout engine died during" in err and "restart 1 of rollout.max_restarts=3" in err
+    assert "checkpoints/step_00000002 (RL step 2)" in out, out[-2000:]  # "resuming from ..."
     last = err.strip().splitlines()[-1]
     assert last.startswith("rlv: preempted (SIGTERM) after RL step") and "the same command resumes" in last, last
     assert not (tmp_path / "metrics.json").exists()
 
-    rc, err = _finish(start(tmp_path, run=SMALL))
+    rc, err, _ = _finish(start(tmp_path, run=SMALL))
     assert rc == 0, err[-3000:]
     _assert_same(clean, rows(tmp_path))
 
@@ -89,8 +129,6 @@ def test_engine_processes_die_with_an_owner_killed_by_sigkill(tmp_path):
     """SIGKILL runs no cleanup in the owner, and vLLM's engine core does not watch its parent: the reaper
     (rollout/reaper.py) kills it."""
     import subprocess
-
-    import psutil
 
     script = tmp_path / "owner.py"
     script.write_text(OWNER)
