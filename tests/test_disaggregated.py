@@ -132,10 +132,11 @@ def test_plan_trains_on_the_rest_and_checks_where_the_engines_go():
 
 
 def test_rlv_plan_prints_the_trainer_layout():
-    out = subprocess.run([sys.executable, "-m", "rlv_megatron.cli", "plan", "qwen2.5-math-7b", "--gpus", "8",
-                          "parallel.tp=2", "parallel.recompute=full", "model.params_dtype=bfloat16",
-                          "rollout.tensor_parallel_size=2", "rollout.engine_gpus=4",
-                          "rollout.gpu_memory_utilization=0.9"], capture_output=True, text=True, cwd=ROOT)
+    from tests.cli import rlv
+
+    out = rlv("plan", "qwen2.5-math-7b", "--gpus", "8", "parallel.tp=2", "parallel.recompute=full",
+              "model.params_dtype=bfloat16", "rollout.tensor_parallel_size=2", "rollout.engine_gpus=4",
+              "rollout.gpu_memory_utilization=0.9")
     assert out.returncode == 0, out.stderr
     assert "TP=2 PP=1 DP=2" in out.stdout and "trainer GPUs hold" in out.stdout
 

@@ -5,8 +5,6 @@ import dataclasses
 import itertools
 import json
 import re
-import subprocess
-import sys
 from fractions import Fraction
 
 import numpy as np
@@ -258,8 +256,9 @@ def test_ragged_pool_is_refused(tmp_path):
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "rlv_megatron.cli", "eval", *args], capture_output=True,
-                          text=True, timeout=300)
+    from tests.cli import rlv
+
+    return rlv("eval", *args)
 
 
 def test_cli_pool_recompute_writes_every_output(tmp_path):

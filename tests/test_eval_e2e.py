@@ -56,7 +56,8 @@ def test_rlv_eval_end_to_end(run_dir, tmp_path):
     assert rep["budgets"]["16"]["samples"] == 4 and "weighted@4" in rep["budgets"]["16"]
     for name in ("report.md", "accuracy_vs_samples.png", "accuracy_vs_tokens.png", "tb"):
         assert (out / name).exists(), name
-    again = subprocess.run([sys.executable, "-m", "rlv_megatron.cli", "eval", "--pool", str(out / "pool.jsonl"),
-                            "--out", str(tmp_path / "again"), *args[2:]], capture_output=True, text=True, timeout=300)
+    from tests.cli import rlv
+
+    again = rlv("eval", "--pool", str(out / "pool.jsonl"), "--out", str(tmp_path / "again"), *args[2:])
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads((tmp_path / "again" / "metrics.json").read_text())["budgets"] == rep["budgets"]

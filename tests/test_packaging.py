@@ -59,8 +59,9 @@ def test_console_script_help():
 
 
 def test_inspect_reports_and_refuses(tiny_models):
-    ok = subprocess.run([sys.executable, "-m", "rlv_megatron.cli", "inspect", str(tiny_models["qwen2"]), "--tp", "2"],
-                        capture_output=True, text=True)
+    from tests.cli import rlv
+
+    ok = rlv("inspect", str(tiny_models["qwen2"]), "--tp", "2")
     assert ok.returncode == 0 and '"padded_vocab_size": 1024' in ok.stdout
     # the count agrees with transformers' own parameter count
     import transformers
@@ -68,6 +69,5 @@ def test_inspect_reports_and_refuses(tiny_models):
 
     model = transformers.AutoModelForCausalLM.from_pretrained(tiny_models["qwen2"])
     assert json.loads(ok.stdout)["parameters"] == sum(p.numel() for p in model.parameters())
-    bad = subprocess.run([sys.executable, "-m", "rlv_megatron.cli", "inspect", str(tiny_models["qwen2"]), "--tp", "3"],
-                         capture_output=True, text=True)
+    bad = rlv("inspect", str(tiny_models["qwen2"]), "--tp", "3")
     assert bad.returncode == 2 and "parallel.tp=3" in bad.stderr

@@ -46,12 +46,12 @@ def test_refuses_a_config_that_cannot_fit_naming_the_biggest_term():
 
 
 def test_cli_plan_prints_and_refuses():
-    ok = subprocess.run([sys.executable, "-m", "rlv_megatron.cli", "plan", "qwen2.5-math-7b", "--gpus", "8",
-                         "parallel.tp=2", "model.params_dtype=bfloat16", "rollout.enable_sleep_mode=true"],
-                        capture_output=True, text=True, cwd=ROOT)
+    from tests.cli import rlv
+
+    ok = rlv("plan", "qwen2.5-math-7b", "--gpus", "8", "parallel.tp=2", "model.params_dtype=bfloat16",
+             "rollout.enable_sleep_mode=true")
     assert ok.returncode == 0 and "weights" in ok.stdout and "rollout tokens/s" in ok.stdout
-    bad = subprocess.run([sys.executable, "-m", "rlv_megatron.cli", "plan", "r1-distill-qwen-32b", "--gpus", "8",
-                          "parallel.tp=3"], capture_output=True, text=True, cwd=ROOT)
+    bad = rlv("plan", "r1-distill-qwen-32b", "--gpus", "8", "parallel.tp=3")
     assert bad.returncode == 2 and "parallel.tp=3" in bad.stderr
 
 

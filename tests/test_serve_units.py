@@ -331,12 +331,10 @@ def test_chat_messages_are_checked():
 
 
 def test_cli_refuses_bad_input_in_one_line(tmp_path):
-    import subprocess
-    import sys
+    from tests.cli import rlv
 
     for args, message in ((["serve", str(tmp_path)], "neither a Hugging Face model directory"),
                           (["serve", str(tmp_path), "serve.strategy=vote"], "serve.strategy='vote'"),
                           (["serve", str(tmp_path), "--port", "70000"], "serve.port=70000")):
-        done = subprocess.run([sys.executable, "-m", "rlv_megatron.cli", *args], capture_output=True, text=True,
-                              timeout=120)
+        done = rlv(*args)
         assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
