@@ -13,9 +13,10 @@ from filelock import FileLock
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# The tiny recipe, short: 10 SFT steps, 4 RL steps with a checkpoint after each, evaluations at step 2 and
-# the end. tests/test_faults.py interrupts it and compares with its clean run.
-TINY_SHORT = ["sft.steps=10", "train.steps=4", "train.save_every=1", "eval.num_problems=4", "eval.samples=2",
+# The tiny recipe, short: 10 SFT steps of 16 problems (a barely warm-started model: response lengths vary 10x
+# and more), 4 RL steps with a checkpoint after each, evaluations at step 2 and the end. tests/test_faults.py
+# interrupts it and compares with its clean run; tests/test_resume.py runs it under rollout.mode=overlap.
+TINY_SHORT = ["sft.steps=10", "sft.batch_size=16", "train.steps=4", "train.save_every=1", "eval.num_problems=4", "eval.samples=2",
               "algo.prompts_per_step=4", "algo.group_size=4", "algo.max_tokens=16", "algo.kl_beta=0.05",
               "algo.filter_equal_reward_groups=false", "train.eval_every=2"]
 

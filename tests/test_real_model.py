@@ -63,8 +63,9 @@ def test_megatron_matches_transformers_and_exports_exactly(smollm2, tmp_path, pp
 
 
 def test_tp2_is_refused_naming_the_heads(smollm2):
-    out = subprocess.run([sys.executable, "-m", "rlv_megatron.cli", "inspect", str(smollm2), "--tp", "2"],
-                         capture_output=True, text=True, timeout=120)
+    from tests.cli import rlv
+
+    out = rlv("inspect", str(smollm2), "--tp", "2")
     assert out.returncode == 2 and "parallel.tp=2" in out.stderr and "9" in out.stderr, out.stderr
 
 
