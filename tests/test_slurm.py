@@ -79,7 +79,7 @@ def _wait_for(predicate, timeout, what):
 
 
 @pytest.mark.slow
-def test_tiny_job_trains_on_two_tasks_checkpoints_and_resumes_after_preemption(cluster, tmp_path, dp_reference_run):
+def test_tiny_job_trains_on_two_tasks_checkpoints_and_resumes_after_preemption(cluster, tmp_path, request):
     env = {**cluster, "RLV_RUN_ROOT": str(tmp_path), "RLV_PYTHON": str(ROOT / ".venv/bin/python")}
     job = subprocess.Popen(["sbatch", "--wait", "--parsable", f"--output={tmp_path}/job.out",
                             str(ROOT / "slurm/tiny_cpu.sh"), *DP_SHORT],
@@ -108,6 +108,8 @@ def test_tiny_job_trains_on_two_tasks_checkpoints_and_resumes_after_preemption(c
     final = json.loads((run / "metrics.json").read_text())
     assert final["num_problems"] == 4
     # what the job computed, preempted and on two data-parallel tasks, is the same config's run in one process
+    # (asked for only now: the other pytest-xdist worker computes it meanwhile, rather than this one waiting)
+    dp_reference_run = request.getfixturevalue("dp_reference_run")
     one, job_steps = rl_steps(dp_reference_run), rl_steps(run)
     assert sorted(job_steps) == sorted(one) == [0, 1, 2, 3]
     for step in one:
