@@ -12,7 +12,9 @@ cores=$(nproc)
 workers=${RLV_TEST_WORKERS:-2}
 [ "$workers" -gt "$cores" ] && workers=$cores
 xdist=()
-[ "$workers" -gt 1 ] && xdist=(-n "$workers" --dist loadfile)
+# --no-loadscope-reorder: keep tests/conftest.py's order (xdist's default sends the files with most tests first,
+# which left the longest, with few tests each, for the end)
+[ "$workers" -gt 1 ] && xdist=(-n "$workers" --dist loadfile --no-loadscope-reorder)
 rc=0
 .venv/bin/python -m pytest -q -p no:cacheprovider --durations=30 "${xdist[@]}" "$@" || rc=$?
 if [ "$rc" -eq 5 ]; then
