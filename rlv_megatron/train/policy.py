@@ -16,6 +16,7 @@ from rlv_megatron.models.hf_config import ModelArch, load_arch
 from rlv_megatron.models.hf_io import export_hf, load_hf_weights
 from rlv_megatron.train import offload
 from rlv_megatron.train.heads import FusedSpec, emit_hidden_states
+from rlv_megatron.train.host_memory import release_free_memory
 from rlv_megatron.train.packing import micro_batches
 from rlv_megatron.train.step import Groups, Objective, batch_layout, reduce_stats, run_schedule
 from rlv_megatron.train.batch import SequenceBatch
@@ -149,6 +150,8 @@ class Policy:
             outputs.update(zip(objective.outputs, batch_layout(mbs, values, len(objective.outputs),
                                                                tuple(batch.targets.shape), self.groups.pp)))
         stats = reduce_stats(out, objective.stats, self.groups.dp, self.groups.pp)
+        if not torch.cuda.is_available():
+            release_free_memory()  # the step's freed activations, kept resident by malloc otherwise
         stats["grad_norm"] = float(grad_norm)
         stats["train/micro_batches"] = float(len(mbs))
         return stats
