@@ -7,7 +7,8 @@ the optimizer's first step) and the step's peak (VmHWM), and beside it `rlv plan
 step; --profile adds torch.profiler's top operators by memory allocated for one more step.
 
 Usage: python benchmarks/train_memory.py [--set train.micro_batch_tokens=1024] [--lams 0,1] [--profile]
-Last line: `train_memory: X GiB step peak, xR of rlv plan` (lambda = 1, the default RL^V).
+Last line: `train_memory: X GiB step peak, xR of rlv plan`, for the last lambda of --lams (by default 1, the
+default RL^V; BENCHMARKS.md's runs so far used --lams 0).
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def worker(args) -> dict:
     from rlv_megatron.plan import DEVICES, estimate
     from rlv_megatron.tasks.chat import ChatFormat
     from rlv_megatron.tasks.registry import make_task
-    from rlv_megatron.train.packing import computed_tokens
+    from rlv_megatron.train.packing import computed_tokens, lengths
     from rlv_megatron.train.policy import Policy
     from rlv_megatron.train.step import rl_objective
 
@@ -86,7 +87,7 @@ def worker(args) -> dict:
         objective = rl_objective(batch, None, cfg.algo, cfg.verifier, policy.vocab, fmt.yes_id, fmt.no_id)
         return policy.train_step(batch, objective)
 
-    stats = step()  # the optimizer's states are created here
+    step()  # the optimizer's states are created here
     rss["after_first_step"] = _rss_gb()
     reset_peak_rss()
     t0 = time.perf_counter()
@@ -103,8 +104,8 @@ def worker(args) -> dict:
         top = prof.key_averages().table(sort_by="self_cpu_memory_usage", row_limit=12)
     task.close()
     return {"rss_gb": rss, "plan_gib": {k: v / 2**30 for k, v in plan.memory.items()},
-            "plan_total_gb": plan.total / 2**30, "sequences": len(batch), "sequence_tokens": int(sum(
-                (batch.verify_pos + 1).tolist())), "computed_tokens": computed_tokens(batch, cfg.train),
+            "plan_total_gb": plan.total / 2**30, "sequences": len(batch), "sequence_tokens": sum(lengths(batch)),
+            "computed_tokens": computed_tokens(batch, cfg.train),
             "micro_batches": stats["train/micro_batches"], "profile": top, "step_s": seconds,
             "config": {"micro_batch_tokens": cfg.train.micro_batch_tokens, "pack": cfg.train.pack,
                        "share_prompts": cfg.train.share_prompts}}
@@ -138,12 +139,12 @@ def main() -> None:
             sys.exit(f"train_memory: lambda = {lam:g} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
         r = json.loads(lines[-1][len("RESULT "):])
         rss, above = r["rss_gb"], r["rss_gb"]["step_peak"] - r["rss_gb"]["before_model"]
+        terms = ", ".join(f"{k} {v:.2f}" for k, v in r["plan_gib"].items())
         print(f"lambda = {lam:g}, {r['config']}: {r['sequences']} sequences, {r['sequence_tokens']} sequence / "
-              f"{r['computed_tokens']} computed tokens in {r['micro_batches']:.0f} micro-batches, step {r['step_s']:.1f} s | RSS GiB: "
-              + ", ".join(f"{k} {v:.2f}" for k, v in rss.items())
-              + f" | plan {r['plan_total_gb']:.2f} GiB (" + ", ".join(f"{k} {v:.2f}" for k, v in r["plan_gib"].items())
-              + f") = x{r['plan_total_gb'] / above:.2f} of the peak above the pre-model RSS",
-              flush=True)
+              f"{r['computed_tokens']} computed tokens in {r['micro_batches']:.0f} micro-batches, step "
+              f"{r['step_s']:.1f} s | RSS GiB: " + ", ".join(f"{k} {v:.2f}" for k, v in rss.items())
+              + f" | plan {r['plan_total_gb']:.2f} GiB ({terms}) = x{r['plan_total_gb'] / above:.2f} of the peak "
+              "above the pre-model RSS", flush=True)
         if r["profile"]:
             print(r["profile"], flush=True)
         last = (rss["step_peak"], r["plan_total_gb"] / above)
