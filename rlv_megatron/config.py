@@ -243,8 +243,9 @@ class TrainConfig:
     # little padding); false: one right-padded sequence per row
     pack: bool = True
     # lay each prompt's samples out as one unit: the prompt computed once, every sample attending to it at
-    # its own RoPE positions (train/packing.py); the same loss and gradients with fewer tokens trained
-    share_prompts: bool = False
+    # its own RoPE positions (train/packing.py); the same loss and gradients with fewer tokens trained. Local
+    # spec only: under model.impl=te it is off (THD has no shared prefix), said at start-up
+    share_prompts: bool = True
     # log-probs for the losses: "fused" applies the output weight to the hidden states in row chunks
     # (kernels/verifier_loss.py; Triton on GPU), "logits" takes the output layer's [tokens, V/tp] logits
     logprob_impl: str = "fused"

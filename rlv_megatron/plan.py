@@ -35,7 +35,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from rlv_megatron.config import Config, ConfigError
-from rlv_megatron.models.builder import padded_vocab_size
+from rlv_megatron.models.builder import padded_vocab_size, shares_prompts
 from rlv_megatron.models.hf_config import ModelArch
 
 GiB = 1 << 30
@@ -48,13 +48,14 @@ class Device:
     bf16_tflops: float  # dense
     bandwidth_tbps: float
     flash_attention: bool = True  # attention scores are not stored (TE / flash)
+    spec: str = "te"  # the layers model.impl=auto builds there
 
 
 DEVICES = {
     "h100-80gb": Device("H100 80GB SXM", 80, 989, 3.35),
     "h200": Device("H200 141GB", 141, 989, 4.8),
     "a100-80gb": Device("A100 80GB", 80, 312, 2.0),
-    "cpu": Device("CPU (local spec)", 0, 0, 0, flash_attention=False),
+    "cpu": Device("CPU (local spec)", 0, 0, 0, flash_attention=False, spec="local"),
 }
 
 # Architectures of the cluster recipes, from their config.json (no download at run time).
@@ -170,7 +171,10 @@ def estimate(cfg: Config, arch: ModelArch, device: Device, world_size: int, mfu:
     # the longest span attention covers: one sequence (THD packed or one per row), a shared prompt's unit (up
     # to the budget), or a whole packed micro-batch under the dense mask DotProductAttention needs
     longest = min(T, cfg.rollout.max_model_len)
-    row = (T if scores else longest) if tr.pack else T if tr.share_prompts else longest
+    share = shares_prompts(tr, device.spec if cfg.model.impl == "auto" else cfg.model.impl)
+    row = (T if scores else longest) if tr.pack else T if share else longest
+    if tr.share_prompts and not share:
+        plan.notes.append("train.share_prompts: off under TransformerEngine (THD has no form for a shared prompt)")
     per_token = activation_elements(arch, tp, par.sequence_parallel, row, par.recompute, scores=scores)
     in_flight = pp  # 1F1B: the first stage holds up to PP micro-batches' activations
     one_layer = activation_elements(arch, tp, par.sequence_parallel, row, "none", scores) * \
@@ -240,7 +244,7 @@ def estimate(cfg: Config, arch: ModelArch, device: Device, world_size: int, mfu:
                               f"tokens; {ro.partial_spare_groups} spare groups in progress beyond a step's")
         flops_token = (8 if par.recompute == "full" else 6) * total_params(arch)
         plan.throughput["train tokens/s (cluster)"] = mfu * device.bf16_tflops * 1e12 * train_world / flops_token
-        if tr.share_prompts:
+        if share:
             plan.notes.append(f"train.share_prompts: train tokens/s counts tokens computed; a prompt computed once for "
                               f"its {cfg.algo.group_size} samples makes sequence tokens/s higher by "
                               f"(prompt + response) / (prompt / {cfg.algo.group_size} + response)")

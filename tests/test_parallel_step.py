@@ -376,15 +376,25 @@ def test_bf16_training_follows_fp32(qwen):
     assert bf16[1]["loss/total"] < bf16[0]["loss/total"]  # it trains
 
 
-def test_shared_prompts_under_transformer_engine_are_refused(monkeypatch, tmp_path):
-    """A shared prompt's samples attend outside their own sequence, which THD cannot express."""
+def test_shared_prompts_fall_back_under_transformer_engine_saying_so(monkeypatch, tmp_path, capsys):
+    """A shared prompt's samples attend outside their own sequence, which THD cannot express: on by default,
+    the sharing is turned off under TE with a note, before the model is built."""
     from rlv_megatron.train import policy as policy_mod
-    from rlv_megatron.config import Config, ConfigError
+    from rlv_megatron.config import Config
     from rlv_megatron.models.tiny import make_hf_model
 
+    class Built(Exception):
+        pass
+
+    def build_model(*args):
+        raise Built(cfg.train.share_prompts)
+
     monkeypatch.setattr(policy_mod, "resolve_impl", lambda model_cfg: "te")
+    monkeypatch.setattr(policy_mod, "build_model", build_model)
     cfg = Config()
     cfg.model.path = str(make_hf_model("qwen2", tmp_path / "m"))
-    cfg.train.share_prompts = True
-    with pytest.raises(ConfigError, match="train.share_prompts=true with model.impl=te"):
+    assert cfg.train.share_prompts  # the default
+    with pytest.raises(Built) as built:
         policy_mod.Policy(cfg)
+    assert built.value.args == (False,)
+    assert "train.share_prompts: off under model.impl=te" in capsys.readouterr().err

@@ -112,3 +112,12 @@ def test_sleep_mode_phases_count_what_stays_beside_the_awake_engine(preset, gpus
     if preset == "r1-distill-qwen-32b":  # without it the engine's share does not fit beside the state
         with pytest.raises(ConfigError, match="does not fit"):
             check(off)
+
+
+def test_shared_prompts_are_counted_only_where_they_take_effect():
+    arch = PRESETS["qwen2.5-math-7b"]
+    notes = lambda cfg, device: " ".join(estimate(cfg, arch, DEVICES[device], world_size=8).notes)  # noqa: E731
+    assert "off under TransformerEngine" in notes(_cfg(), "h100-80gb")  # model.impl=auto builds TE there
+    assert "off under" not in notes(_cfg(), "cpu")  # the local spec
+    assert "a prompt computed once" in notes(_cfg("model.impl=local"), "h100-80gb")
+    assert "a prompt computed once" not in notes(_cfg("model.impl=local", "train.share_prompts=false"), "h100-80gb")

@@ -28,6 +28,12 @@ def resolve_impl(model_cfg: ModelConfig) -> str:
     return model_cfg.impl
 
 
+def shares_prompts(train_cfg, impl: str) -> bool:
+    """train.share_prompts as it takes effect: TransformerEngine's THD attention cannot let several sequences
+    attend to one shared prefix, so under impl=te every sample keeps its own copy of the prompt."""
+    return bool(train_cfg.share_prompts) and impl != "te"
+
+
 def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
     multiple = divisible_by * tp
     return -(-vocab_size // multiple) * multiple

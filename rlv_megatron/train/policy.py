@@ -4,13 +4,15 @@ the train step through the pipeline schedules, and HF-format views of the weight
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 from pathlib import Path
 
 import torch
 
 from rlv_megatron.config import Config, ConfigError
 from rlv_megatron.models import verifier_head
-from rlv_megatron.models.builder import build_model, padded_vocab_size, resolve_impl
+from rlv_megatron.models.builder import build_model, padded_vocab_size, resolve_impl, shares_prompts
 from rlv_megatron.models.convert import iter_hf_tensors
 from rlv_megatron.models.hf_config import ModelArch, load_arch
 from rlv_megatron.models.hf_io import export_hf, load_hf_weights
@@ -25,8 +27,6 @@ from rlv_megatron.train.batch import SequenceBatch
 def cpu_threads(setting: int) -> int:
     """train.cpu_threads, where 0 means: OMP_NUM_THREADS when set, else the usable cores shared evenly by
     the ranks on this node (torchrun's LOCAL_WORLD_SIZE)."""
-    import os
-
     from rlv_megatron.config import usable_cores
 
     if setting:
@@ -48,10 +48,12 @@ class Policy:
                 raise ConfigError("model.path: a Hugging Face model directory is required (or pass an arch)")
             arch = load_arch(cfg.model.path)
         validate(cfg, arch)
-        if cfg.train.share_prompts and resolve_impl(cfg.model) == "te":
-            # a shared prompt's samples attend to a prefix outside their own sequence: THD cannot say that
-            raise ConfigError("train.share_prompts=true with model.impl=te: samples attending to a shared prompt "
-                              "have no THD form under TransformerEngine; set train.share_prompts=false")
+        if cfg.train.share_prompts and not shares_prompts(cfg.train, resolve_impl(cfg.model)):
+            cfg.train.share_prompts = False
+            if int(os.environ.get("RANK", "0")) == 0:
+                print("rlv: train.share_prompts: off under model.impl=te (TransformerEngine's THD attention has no "
+                      "form for a prompt shared by several samples); each sample is trained with its own copy of "
+                      "the prompt (the same gradients, more tokens)", file=sys.stderr, flush=True)
         if not torch.cuda.is_available():
             torch.set_num_threads(cpu_threads(cfg.train.cpu_threads))
         init_megatron(cfg.parallel, seed=cfg.model.seed)
