@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import sys
@@ -79,6 +80,16 @@ def run(cfg: Config) -> Path | None:
     # fallbacks, numpy's note on flushed denormals
     warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
     warnings.filterwarnings("ignore", message="The value of the smallest subnormal")
+    # torch 2.11 deprecates names that megatron-core 0.16 (collectives, every step) and vLLM (reduce_op, at
+    # import) use: nothing a user can act on
+    warnings.filterwarnings("ignore", category=FutureWarning, message=r"`torch\.distributed\."
+                            r"(reduce_scatter_tensor|all_gather_into_tensor|reduce_op)` is deprecated")
+    sys.warnoptions.append("ignore:`torch.distributed.reduce_op` is deprecated:FutureWarning")  # engine processes
+    # said before vLLM configures its logging, so VLLM_LOGGING_LEVEL cannot quiet it: true of every CPU run
+    logging.getLogger("vllm.triton_utils.importing").setLevel(logging.ERROR)
+    # megatron's distributed optimizer zeroes grads through its shard views ("throws grad-access warning", its
+    # zero_grad says); on CPU the warning points at cpu_compat, which only passes the call through
+    warnings.filterwarnings("ignore", message=r"The \.grad attribute of a Tensor that is not a leaf Tensor")
     torch.set_flush_denormal(True)  # CPU steps slow down ~4x on denormals after a few dozen steps
     torch.manual_seed(cfg.train.seed)
     validate(cfg)  # the architecture-free checks, before any work

