@@ -41,7 +41,7 @@ def measure(c) -> dict:
     cfg.train.micro_batch_tokens, cfg.parallel.recompute = T, rec
     # one sequence of `row` tokens per row: the [row, row] scores per row the formulas were fitted on (then
     # with 8 packed sequences of 32 per row under a block mask); the engine's context bounds the sequence
-    cfg.train.pack, cfg.rollout.max_model_len = False, row
+    cfg.train.pack, cfg.rollout.max_model_len, cfg.train.share_prompts = False, row, False
     # the attention the formulas were fitted on (stored scores); SDPA (the default) peaks lower, and the
     # estimate then errs high (BENCHMARKS.md)
     cfg.model.local_attention = "dot_product"

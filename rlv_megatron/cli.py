@@ -80,11 +80,13 @@ def _cmd_plan(args) -> int:
         arch = plan.PRESETS[args.model] if args.model in plan.PRESETS else load_arch(Path(args.model))
         cfg = apply_overrides(Config(), args.overrides)
         validate(cfg, arch)
-        p = plan.estimate(cfg, arch, plan.DEVICES[args.gpu], args.gpus, gpus_per_node=args.gpus_per_node)
+        # cpu: this host, its memory available now shared by the ranks (what a run here checks)
+        device = plan.this_machine(args.gpus) if args.gpu == "cpu" else plan.DEVICES[args.gpu]
+        p = plan.estimate(cfg, arch, device, args.gpus, gpus_per_node=args.gpus_per_node)
         train_world = plan.trainer_world(cfg, args.gpus, args.gpus_per_node)
-        print(f"{args.model} on {args.gpus} x {plan.DEVICES[args.gpu].name}: TP={cfg.parallel.tp} "
+        print(f"{args.model} on {args.gpus} x {device.name}: TP={cfg.parallel.tp} "
               f"PP={cfg.parallel.pp} DP={train_world // (cfg.parallel.tp * cfg.parallel.pp)}, "
-              f"recompute={cfg.parallel.recompute}, {cfg.train.micro_batch_tokens} tokens per micro-batch")
+              f"recompute={cfg.parallel.recompute}, {p.micro_batch_tokens} tokens per micro-batch")
         print(p.table())
         plan.check(p)
     except (ConfigError, UnsupportedConfig, FileNotFoundError) as e:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 
 class ConfigError(ValueError):
@@ -238,7 +238,10 @@ class TrainConfig:
     # reached within this many seconds ends the run at once (status 143; the last checkpoint resumes)
     sigterm_grace_s: float = 300.0
     cpu_threads: int = 0  # CPU only: torch threads of the trainer; 0 = one per core this process may run on
-    micro_batch_tokens: int = 4096  # token budget of one micro-batch (dynamic batch size)
+    # token budget of one micro-batch (dynamic batch size), or "auto": the largest power of two that `rlv plan`
+    # fits in this machine's memory (host RAM on CPU, the GPU's on GPU) with a 20% margin, said at start-up
+    # (CPU: at most 2048); a config whose plan does not fit there is refused before it starts
+    micro_batch_tokens: Any = "auto"
     # pack sequences end to end (THD, attention per sequence: TE on GPU, models/varlen.py on the local spec;
     # little padding); false: one right-padded sequence per row
     pack: bool = True
@@ -379,6 +382,9 @@ def check_engine_gpus(rollout: RolloutConfig) -> None:
                           "trainer's GPU, not the engine's; use shm (or auto)")
 
 
+_INT_OR_STR = ("train.micro_batch_tokens",)
+
+
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     """`section.field=value` strings (as on a Hydra command line) onto a Config, typed like the field."""
     for item in overrides:
@@ -396,8 +402,8 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
                 value = type(current)(raw)
             except ValueError as e:
                 raise ConfigError(f"{key}={raw!r}: not a {type(current).__name__}") from e
-        else:
-            value = raw
+        else:  # str, or a field that takes either (train.micro_batch_tokens: "auto" or a number)
+            value = int(raw) if raw.lstrip("-").isdigit() and key in _INT_OR_STR else raw
         setattr(getattr(cfg, section), name, value)
     return cfg
 
@@ -417,9 +423,12 @@ def validate(cfg: Config, arch=None) -> None:
     for name in ("parallel.tp", "parallel.pp", "rollout.tensor_parallel_size", "rollout.weight_bucket_mb",
                  "rollout.max_model_len", "model.make_vocab_size_divisible_by", "algo.group_size",
                  "algo.prompts_per_step", "algo.max_tokens", "algo.ppo_epochs", "algo.ppo_minibatches",
-                 "eval.samples", "train.micro_batch_tokens"):
+                 "eval.samples"):
         if int(_get(cfg, name)) < 1:
             raise ConfigError(f"{name}={_get(cfg, name)}: must be >= 1")
+    mbt = cfg.train.micro_batch_tokens
+    if mbt != "auto" and (isinstance(mbt, bool) or not isinstance(mbt, int) or mbt < 1):
+        raise ConfigError(f"train.micro_batch_tokens={mbt!r}: must be 'auto' or an integer >= 1")
     p = cfg.parallel
     if p.vpp is not None and (p.vpp < 1 or p.pp < 2):
         raise ConfigError(f"parallel.vpp={p.vpp}: needs parallel.pp >= 2 and vpp >= 1")

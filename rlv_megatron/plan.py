@@ -32,7 +32,10 @@ are estimates from these formulas, not measurements.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import copy
+import os
+import sys
+from dataclasses import dataclass, field, replace
 
 from rlv_megatron.config import Config, ConfigError
 from rlv_megatron.models.builder import padded_vocab_size, shares_prompts
@@ -49,14 +52,23 @@ class Device:
     bandwidth_tbps: float
     flash_attention: bool = True  # attention scores are not stored (TE / flash)
     spec: str = "te"  # the layers model.impl=auto builds there
+    host: bool = False  # this machine's CPU: trainer and engine processes share its memory_gib (no GPU)
+    # train.micro_batch_tokens=auto picks no larger budget (CPU: measured slower and superlinear in memory above)
+    auto_max_tokens: int = 32768
 
 
 DEVICES = {
     "h100-80gb": Device("H100 80GB SXM", 80, 989, 3.35),
     "h200": Device("H200 141GB", 141, 989, 4.8),
     "a100-80gb": Device("A100 80GB", 80, 312, 2.0),
-    "cpu": Device("CPU (local spec)", 0, 0, 0, flash_attention=False, spec="local"),
+    "cpu": Device("CPU (local spec)", 0, 0, 0, flash_attention=False, spec="local", auto_max_tokens=2048),
 }
+# SmolLM2-135M, lambda = 1, one CPU train step (benchmarks/train_memory.py, 2026-12-08): 1024 / 2048 / 4096-token
+# budgets took 52.2 / 44.9 / 59.6 s and peaked 5.25 / 7.19 / 13.78 GiB, the plan reading x0.85 / x0.86 / x0.68
+AUTO_MARGIN = 0.2  # train.micro_batch_tokens=auto: the plan may fill this much less than the memory there
+# a CPU engine process beside its weights and KV cache, and the trainer before its model: interpreters, torch,
+# vLLM (SmolLM2-135M: trainer 0.47 GiB before the model, engine 3.3 GB with 0.54 GB of weights and 1 GiB of KV)
+HOST_RUNTIME_GIB = 2.2
 
 # Architectures of the cluster recipes, from their config.json (no download at run time).
 PRESETS = {
@@ -74,12 +86,14 @@ PRESETS = {
 @dataclass
 class Plan:
     memory: dict[str, float] = field(default_factory=dict)  # bytes per GPU, by term
+    micro_batch_tokens: int = 0  # the budget planned (train.micro_batch_tokens, or what auto chose)
     total: float = 0.0
     capacity: float = 0.0
     throughput: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     phases: dict[str, float] = field(default_factory=dict)  # sleep mode: bytes per GPU in training, generation
     problems: list[str] = field(default_factory=list)  # reasons it cannot run besides the total
+    where: str = "per GPU"  # what capacity is
 
     @property
     def fits(self) -> bool:
@@ -145,8 +159,36 @@ def engines_per_node(cfg: Config, trainer_gpus: int, nodes: int) -> list[int]:
     return [sum(n * trainer_gpus <= r < (n + 1) * trainer_gpus for r in owners) for n in range(nodes)]
 
 
-def estimate(cfg: Config, arch: ModelArch, device: Device, world_size: int, mfu: float = 0.4,
-             bandwidth_efficiency: float = 0.7, gpus_per_node: int = 8) -> Plan:
+def estimate(cfg: Config, arch: ModelArch, device: Device, world_size: int, **options) -> Plan:
+    """The plan of `cfg` on `world_size` of `device`; train.micro_batch_tokens=auto: of the largest power-of-two
+    budget, from the first above rollout.max_model_len (a whole sequence with its verification turn) up to
+    device.auto_max_tokens, whose total fits the device's memory less AUTO_MARGIN (the smallest if none does)."""
+    if cfg.train.micro_batch_tokens != "auto":
+        return _estimate(cfg, arch, device, world_size, **options)
+    budget = 1 << cfg.rollout.max_model_len.bit_length()
+    while True:
+        plan = _estimate(with_budget(cfg, budget), arch, device, world_size, **options)
+        if 2 * budget > device.auto_max_tokens or not device.memory_gib:
+            break
+        bigger = _estimate(with_budget(cfg, 2 * budget), arch, device, world_size, **options)
+        if not bigger.fits or bigger.total > (1 - AUTO_MARGIN) * bigger.capacity:
+            break
+        budget, plan = 2 * budget, bigger
+    plan.notes.append(f"train.micro_batch_tokens=auto: {budget}, the largest budget up to {device.auto_max_tokens} "
+                      f"whose plan fills at most {1 - AUTO_MARGIN:.0%} of the {device.memory_gib:.1f} GiB"
+                      if device.memory_gib else f"train.micro_batch_tokens=auto: {budget} ({device.name}: no "
+                      "memory to fit; a run measures the host's)")
+    return plan
+
+
+def with_budget(cfg: Config, tokens: int) -> Config:
+    out = copy.deepcopy(cfg)
+    out.train.micro_batch_tokens = tokens
+    return out
+
+
+def _estimate(cfg: Config, arch: ModelArch, device: Device, world_size: int, mfu: float = 0.4,
+              bandwidth_efficiency: float = 0.7, gpus_per_node: int = 8) -> Plan:
     par, tr = cfg.parallel, cfg.train
     tp, pp = par.tp, par.pp
     train_world = trainer_world(cfg, world_size, gpus_per_node)
@@ -160,7 +202,7 @@ def estimate(cfg: Config, arch: ModelArch, device: Device, world_size: int, mfu:
     if pp == 1:
         first_stage += (0 if arch.tie_word_embeddings else vpad * arch.hidden_size / tp) + arch.hidden_size
     P = first_stage
-    plan = Plan()
+    plan = Plan(micro_batch_tokens=tr.micro_batch_tokens)
     m = plan.memory
     m["weights"] = P * pbytes
     m["grads"] = P * 4
@@ -190,7 +232,14 @@ def estimate(cfg: Config, arch: ModelArch, device: Device, world_size: int, mfu:
     else:
         plan.notes.append("logits live on the last stage; the first stage (shown) holds the embedding")
     train_total = sum(m.values())
-    if device.memory_gib:
+    if device.host:  # the engine process runs beside the trainer's, in the same memory, all the time
+        ro = cfg.rollout
+        plan.capacity, plan.where = device.memory_gib * GiB, f"on {device.name}"
+        m["engine_weights"] = total_params(arch) * (4 if ro.dtype == "float32" else 2)
+        m["engine_kv"] = ro.cpu_kv_cache_gib * GiB
+        m["runtimes"] = HOST_RUNTIME_GIB * GiB
+        plan.total = sum(m.values())
+    elif device.memory_gib:
         ro = cfg.rollout
         rtp = ro.tensor_parallel_size
         plan.capacity = device.memory_gib * GiB
@@ -264,7 +313,43 @@ def check(plan: Plan) -> None:
     reasons = list(plan.problems)
     if plan.capacity and plan.total > plan.capacity:
         big = plan.biggest()
-        reasons.insert(0, f"does not fit: {plan.total / GiB:.1f} GiB per GPU > {plan.capacity / GiB:.0f} GiB; "
-                          f"the biggest term is {big} ({plan.memory[big] / GiB:.1f} GiB)")
+        reasons.insert(0, f"does not fit: {plan.total / GiB:.1f} GiB {plan.where} > {plan.capacity / GiB:.1f} GiB; "
+                          f"the biggest term is {big} ({plan.memory[big] / GiB:.1f} GiB)"
+                          + ("; lower train.micro_batch_tokens" if big in ("activations", "logits") else ""))
     if reasons:
         raise ConfigError("; ".join(reasons))
+
+
+def this_machine(local_ranks: int = 1) -> Device:
+    """The device this process trains on, as a plan device: on CPU the host's memory available now, shared
+    evenly by its local ranks (each counted with an engine beside it); on GPU the GPU's whole memory (FLOP/s
+    and bandwidth of the DEVICES entry whose name it shares, else the H100's)."""
+    import torch
+
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        like = next((d for d in DEVICES.values() if not d.host and d.spec == "te"
+                     and d.name.split()[0] in props.name), DEVICES["h100-80gb"])
+        return replace(like, name=props.name, memory_gib=props.total_memory / GiB)
+    import psutil
+
+    return replace(DEVICES["cpu"], name="this host (memory available now)", host=True,
+                   memory_gib=psutil.virtual_memory().available / GiB / max(local_ranks, 1))
+
+
+def settle(cfg: Config, arch: ModelArch, device: Device | None = None) -> Plan:
+    """Before a run builds its model: train.micro_batch_tokens=auto resolved for this machine (said by global
+    rank 0), and a config whose plan does not fit here refused, naming the biggest term."""
+    world, local = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    device = device or this_machine(local)
+    auto = cfg.train.micro_batch_tokens == "auto"
+    plan = estimate(cfg, arch, device, world, gpus_per_node=max(local, 1))
+    if auto:
+        cfg.train.micro_batch_tokens = plan.micro_batch_tokens
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"rlv: train.micro_batch_tokens=auto: {plan.micro_batch_tokens} (rlv plan: {plan.total / GiB:.1f} "
+                  f"of {plan.capacity / GiB:.1f} GiB {plan.where}, margin {AUTO_MARGIN:.0%}; the biggest term "
+                  f"{plan.biggest()})", file=sys.stderr, flush=True)
+    check(plan)
+    return plan
+

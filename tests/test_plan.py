@@ -121,3 +121,53 @@ def test_shared_prompts_are_counted_only_where_they_take_effect():
     assert "off under" not in notes(_cfg(), "cpu")  # the local spec
     assert "a prompt computed once" in notes(_cfg("model.impl=local"), "h100-80gb")
     assert "a prompt computed once" not in notes(_cfg("model.impl=local", "train.share_prompts=false"), "h100-80gb")
+
+
+def _host(gib):
+    from dataclasses import replace
+
+    return replace(DEVICES["cpu"], name="a test host", host=True, memory_gib=gib)
+
+
+def test_auto_budget_is_the_largest_that_fits_the_host_with_its_margin(capsys):
+    """train.micro_batch_tokens=auto on CPU: powers of two from above rollout.max_model_len up to 2048, the
+    largest whose plan fills at most 80% of the host's memory; said at start-up."""
+    from rlv_megatron.plan import AUTO_MARGIN, settle
+
+    arch = PRESETS["qwen2.5-math-7b"]
+    base = _cfg("model.params_dtype=float32", "rollout.max_model_len=256")
+    totals = {t: estimate(_cfg("model.params_dtype=float32", "rollout.max_model_len=256",
+                               f"train.micro_batch_tokens={t}"), arch, _host(1000), 1).total for t in (512, 1024, 2048)}
+    assert totals[512] < totals[1024] < totals[2048]
+    roomy = settle(base, arch, _host(1000))  # at most 2048 on CPU, however much memory
+    assert base.train.micro_batch_tokens == roomy.micro_batch_tokens == 2048
+    assert "train.micro_batch_tokens=auto: 2048" in capsys.readouterr().err
+    just = (totals[1024] / (1 - AUTO_MARGIN) + 1) / GiB  # 1024 fits with its margin, 2048 does not
+    assert settle(_cfg("model.params_dtype=float32", "rollout.max_model_len=256"), arch, _host(just)) \
+        .micro_batch_tokens == 1024
+    assert settle(_cfg("model.params_dtype=float32", "rollout.max_model_len=256"), arch,
+                  _host(just - 0.05)).micro_batch_tokens == 512
+
+
+def test_a_config_that_cannot_fit_the_host_is_refused_naming_the_term():
+    from rlv_megatron.plan import settle
+
+    arch = PRESETS["qwen2.5-math-7b"]
+    with pytest.raises(ConfigError, match=r"does not fit: .* GiB on a test host > 24.0 GiB; the biggest term is "
+                                          r"optimizer"):
+        settle(_cfg("model.params_dtype=float32"), arch, _host(24))  # 7B in fp32 with Adam: 91 GiB of state
+    small = PRESETS["qwen2.5-math-7b"].__class__(**{**PRESETS["qwen2.5-math-7b"].__dict__, "num_layers": 1,
+                                                    "vocab_size": 1000})
+    with pytest.raises(ConfigError, match="the biggest term is activations .*lower train.micro_batch_tokens"):
+        settle(_cfg("train.micro_batch_tokens=2000000"), small, _host(24))
+
+
+def test_micro_batch_tokens_takes_auto_or_a_positive_integer():
+    from rlv_megatron.config import validate
+
+    assert Config().train.micro_batch_tokens == "auto"
+    assert apply_overrides(Config(), ["train.micro_batch_tokens=1024"]).train.micro_batch_tokens == 1024
+    validate(apply_overrides(Config(), ["train.micro_batch_tokens=auto"]))
+    for bad in ("big", "0"):
+        with pytest.raises(ConfigError, match="train.micro_batch_tokens"):
+            validate(apply_overrides(Config(), [f"train.micro_batch_tokens={bad}"]))

@@ -59,3 +59,11 @@ def test_bad_data_is_one_line_naming_file_and_line(tmp_path):
     debug = subprocess.run([sys.executable, str(RECIPE), *args], capture_output=True, text=True, timeout=120,
                            env={**os.environ, "RLV_TRACEBACK": "1"})
     assert debug.returncode != 0 and "Traceback" in debug.stderr and f"{bad}:2" in debug.stderr
+
+
+def test_a_config_that_cannot_fit_is_refused_before_training(tmp_path):
+    """rlv plan's check on this host, before the model is built: one line naming the biggest term."""
+    out = _run("train.micro_batch_tokens=100000000", f"train.out_dir={tmp_path}")
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "error: does not fit:" in out.stderr and "the biggest term is activations" in out.stderr, out.stderr
+    assert "sft:" not in out.stderr and not (tmp_path / "metrics.json").exists()

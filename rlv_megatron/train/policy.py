@@ -16,6 +16,7 @@ from rlv_megatron.models.builder import build_model, padded_vocab_size, resolve_
 from rlv_megatron.models.convert import iter_hf_tensors
 from rlv_megatron.models.hf_config import ModelArch, load_arch
 from rlv_megatron.models.hf_io import export_hf, load_hf_weights
+from rlv_megatron.plan import settle
 from rlv_megatron.train import offload
 from rlv_megatron.train.heads import FusedSpec, emit_hidden_states
 from rlv_megatron.train.host_memory import release_free_memory
@@ -54,6 +55,7 @@ class Policy:
                 print("rlv: train.share_prompts: off under model.impl=te (TransformerEngine's THD attention has no "
                       "form for a prompt shared by several samples); each sample is trained with its own copy of "
                       "the prompt (the same gradients, more tokens)", file=sys.stderr, flush=True)
+        self.plan = settle(cfg, arch)  # train.micro_batch_tokens=auto chosen; a config that cannot fit refused
         if not torch.cuda.is_available():
             torch.set_num_threads(cpu_threads(cfg.train.cpu_threads))
         init_megatron(cfg.parallel, seed=cfg.model.seed)
