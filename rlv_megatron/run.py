@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from rlv_megatron.config import Config, ConfigError, TaskConfig, validate
-from rlv_megatron.models.hf_config import ModelArch
+from rlv_megatron.models.hf_config import ModelArch, load_arch
+from rlv_megatron.plan import settle
 
 # what a run writes under train.out_dir (hydra/ is Hydra's own, written before the run starts)
 OUTPUTS = ("checkpoints", "start", "model", "tb", "metrics.jsonl", "metrics.json", "history.json", "pool.jsonl",
@@ -113,12 +114,13 @@ def _run(cfg: Config, sigterm) -> Path | None:
     task_cfg, num_eval = task_config(cfg)
     out = Path(cfg.train.out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    resume = announce(cfg, out)
     task = make_task(task_cfg, cfg.verifier.question, num_eval, seed=0, tokenizer_path=cfg.model.path)
     engine = metrics = None
     try:  # the engine and the grader workers end with the run, however it ends
         fmt = ChatFormat.for_config(task.tokenizer, cfg)
-        arch = None if cfg.model.path else scratch_arch(cfg, len(task.tokenizer), task.tokenizer)
+        arch = load_arch(cfg.model.path) if cfg.model.path else scratch_arch(cfg, len(task.tokenizer), task.tokenizer)
+        settle(cfg, arch)  # a config that cannot fit here is refused before an earlier run's outputs are touched
+        resume = announce(cfg, out)
         policy = Policy(cfg, arch)
         place = Placement.current()
         lead = place.owns_engine and place.dp_rank == 0  # global rank 0 logs, evaluates and writes the report
