@@ -31,3 +31,17 @@ def test_design_map_names_modules_that_exist():
 
     missing = [n for n in sorted(names) if not found(n)]
     assert not missing, f"docs/design.md names modules that do not exist: {missing}"
+
+
+def test_readme_quotes_the_recorded_default_run():
+    """The headline the README quotes for `python recipes/tiny_cpu.py` is the recorded run's
+    (benchmarks/records/tiny_cpu.json), which is what report.headline prints for the recorded metrics."""
+    import json
+
+    from rlv_megatron.eval.report import headline
+
+    record = json.loads((ROOT / "benchmarks" / "records" / "tiny_cpu.json").read_text())
+    assert headline(record["final"]) == record["printed"]
+    readme = " ".join((ROOT / "README.md").read_text().split())  # the README wraps its lines
+    assert f"printed `{record['printed']}`" in readme, "README: quote the recorded run's headline"
+    assert f"{record['took']} here on {record['date']}" in readme
