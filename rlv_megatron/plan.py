@@ -340,10 +340,12 @@ def this_machine(local_ranks: int = 1) -> Device:
 def settle(cfg: Config, arch: ModelArch, device: Device | None = None) -> Plan:
     """Before a run builds its model: train.micro_batch_tokens=auto resolved for this machine (said by global
     rank 0), and a config whose plan does not fit here refused, naming the biggest term."""
-    world, local = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    ranks, local = int(os.environ.get("WORLD_SIZE", "1")), max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
     device = device or this_machine(local)
+    # the plan counts every GPU of the run; the ranks are the trainer's (rollout.engine_gpus per node are not)
+    per_node = local + (0 if device.host else cfg.rollout.engine_gpus)
     auto = cfg.train.micro_batch_tokens == "auto"
-    plan = estimate(cfg, arch, device, world, gpus_per_node=max(local, 1))
+    plan = estimate(cfg, arch, device, max(ranks // local, 1) * per_node, gpus_per_node=per_node)
     if auto:
         cfg.train.micro_batch_tokens = plan.micro_batch_tokens
         if int(os.environ.get("RANK", "0")) == 0:

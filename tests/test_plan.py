@@ -171,3 +171,34 @@ def test_micro_batch_tokens_takes_auto_or_a_positive_integer():
     for bad in ("big", "0"):
         with pytest.raises(ConfigError, match="train.micro_batch_tokens"):
             validate(apply_overrides(Config(), [f"train.micro_batch_tokens={bad}"]))
+
+
+def test_a_disaggregated_run_is_planned_with_its_engine_gpus(monkeypatch):
+    """At start-up the ranks are the trainer's alone: 6 per node when 2 of 8 GPUs run engines."""
+    from rlv_megatron.hydra_app import compose, register_schema
+    from rlv_megatron.plan import settle
+
+    register_schema()
+    cfg = compose("math_7b_disagg", [])
+    gpus = cfg.rollout.engine_gpus
+    monkeypatch.setenv("WORLD_SIZE", str(8 - gpus))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(8 - gpus))
+    plan = settle(cfg, PRESETS["qwen2.5-math-7b"], DEVICES["h100-80gb"])
+    assert f"{8 - gpus} of the 8 GPUs train" in " ".join(plan.notes)
+
+
+def test_this_machine_on_a_gpu_is_its_whole_memory(monkeypatch):
+    """No GPU here: torch.cuda answers as on an H200 node; the plan device keeps the H200's peaks."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from rlv_megatron.plan import this_machine
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda i: SimpleNamespace(name="NVIDIA H200", total_memory=150_000_000_000))
+    d = this_machine(8)
+    assert (d.name, d.host, d.bf16_tflops, d.bandwidth_tbps) == ("NVIDIA H200", False, 989, 4.8)
+    assert d.memory_gib == pytest.approx(150e9 / GiB)
