@@ -395,6 +395,8 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
         current = getattr(getattr(cfg, section), name)
         if raw.lower() in ("none", "null"):
             value = None
+        elif key in _INT_OR_STR:  # "auto" or a number, whatever the field holds now
+            value = int(raw) if raw.lstrip("-").isdigit() else raw
         elif isinstance(current, bool):
             value = raw.lower() in ("1", "true", "yes")
         elif isinstance(current, (int, float)):
@@ -402,8 +404,8 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
                 value = type(current)(raw)
             except ValueError as e:
                 raise ConfigError(f"{key}={raw!r}: not a {type(current).__name__}") from e
-        else:  # str, or a field that takes either (train.micro_batch_tokens: "auto" or a number)
-            value = int(raw) if raw.lstrip("-").isdigit() and key in _INT_OR_STR else raw
+        else:
+            value = raw
         setattr(getattr(cfg, section), name, value)
     return cfg
 

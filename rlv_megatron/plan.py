@@ -69,6 +69,7 @@ AUTO_MARGIN = 0.2  # train.micro_batch_tokens=auto: the plan may fill this much 
 # a CPU engine process beside its weights and KV cache, and the trainer before its model: interpreters, torch,
 # vLLM (SmolLM2-135M: trainer 0.47 GiB before the model, engine 3.3 GB with 0.54 GB of weights and 1 GiB of KV)
 HOST_RUNTIME_GIB = 2.2
+VERIFY_TURN_TOKENS = 64  # the question and the Yes/No answer after a response, through a chat template
 
 # Architectures of the cluster recipes, from their config.json (no download at run time).
 PRESETS = {
@@ -181,6 +182,14 @@ def estimate(cfg: Config, arch: ModelArch, device: Device, world_size: int, **op
     return plan
 
 
+def step_tokens(cfg: Config) -> int:
+    """An upper bound on the tokens of one step's batch: its sequences (an RL step's samples; an SFT step's
+    traces, correct and corrupted) at rollout.max_model_len each, plus room for the verification turn."""
+    sequences = max(cfg.algo.prompts_per_step * cfg.algo.group_size,
+                    2 * cfg.sft.batch_size if cfg.sft.steps else 0)
+    return sequences * (cfg.rollout.max_model_len + VERIFY_TURN_TOKENS)
+
+
 def with_budget(cfg: Config, tokens: int) -> Config:
     out = copy.deepcopy(cfg)
     out.train.micro_batch_tokens = tokens
@@ -207,7 +216,7 @@ def _estimate(cfg: Config, arch: ModelArch, device: Device, world_size: int, mfu
     m["weights"] = P * pbytes
     m["grads"] = P * 4
     m["optimizer"] = P * (8 + (4 if pbytes == 2 else 0)) / (dp if par.distributed_optimizer else 1)
-    T = tr.micro_batch_tokens
+    T = min(tr.micro_batch_tokens, step_tokens(cfg))  # a micro-batch holds no more than a step's batch
     # scores kept for the backward only by megatron's DotProductAttention (TE and SDPA keep a logsumexp)
     scores = not device.flash_attention and cfg.model.local_attention == "dot_product"
     # the longest span attention covers: one sequence (THD packed or one per row), a shared prompt's unit (up

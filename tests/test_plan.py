@@ -168,6 +168,8 @@ def test_micro_batch_tokens_takes_auto_or_a_positive_integer():
     assert Config().train.micro_batch_tokens == "auto"
     assert apply_overrides(Config(), ["train.micro_batch_tokens=1024"]).train.micro_batch_tokens == 1024
     validate(apply_overrides(Config(), ["train.micro_batch_tokens=auto"]))
+    back = apply_overrides(Config(), ["train.micro_batch_tokens=1024", "train.micro_batch_tokens=auto"])
+    assert back.train.micro_batch_tokens == "auto"  # from a number back to auto
     for bad in ("big", "0"):
         with pytest.raises(ConfigError, match="train.micro_batch_tokens"):
             validate(apply_overrides(Config(), [f"train.micro_batch_tokens={bad}"]))
@@ -202,3 +204,15 @@ def test_this_machine_on_a_gpu_is_its_whole_memory(monkeypatch):
     d = this_machine(8)
     assert (d.name, d.host, d.bf16_tflops, d.bandwidth_tbps) == ("NVIDIA H200", False, 989, 4.8)
     assert d.memory_gib == pytest.approx(150e9 / GiB)
+
+
+def test_a_budget_above_the_steps_batch_is_planned_as_the_batch():
+    """Two samples of two prompts cannot fill 16,384 tokens: the plan of that budget is the plan of the batch."""
+    from rlv_megatron.plan import step_tokens
+
+    small = ["algo.prompts_per_step=2", "algo.group_size=2", "sft.steps=0", "rollout.max_model_len=512"]
+    arch = PRESETS["qwen2.5-math-7b"]
+    assert step_tokens(_cfg(*small)) == 4 * (512 + 64)
+    big = estimate(_cfg(*small, "train.micro_batch_tokens=16384"), arch, DEVICES["h100-80gb"], world_size=8)
+    exact = estimate(_cfg(*small, f"train.micro_batch_tokens={4 * 576}"), arch, DEVICES["h100-80gb"], world_size=8)
+    assert big.memory["activations"] == exact.memory["activations"]
