@@ -65,7 +65,7 @@ def test_a_config_that_cannot_fit_is_refused_before_training(tmp_path):
     """rlv plan's check on this host, before the model is built: one line naming the biggest term, and an
     earlier run's outputs in the same out_dir left as they were."""
     (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
-    out = _run("train.micro_batch_tokens=100000000", f"train.out_dir={tmp_path}")
+    out = _run("train.micro_batch_tokens=100000000", "algo.prompts_per_step=100000", f"train.out_dir={tmp_path}")
     assert out.returncode == 2, out.stderr[-2000:]
     assert "error: does not fit:" in out.stderr and "the biggest term is activations" in out.stderr, out.stderr
     assert "sft:" not in out.stderr and not (tmp_path / "metrics.json").exists()
